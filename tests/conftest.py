@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Tests never touch the network, and torch must not oversubscribe the 2 CI cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from picorl.models import load_tokenizer
+    return load_tokenizer("tiny-random-llama")
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """A 2-layer random Llama with the embedded tokenizer, built in memory."""
+    from picorl.models import tiny_llama
+    return tiny_llama(len(tokenizer)).eval()

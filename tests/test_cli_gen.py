@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from picorl.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "picorl.cli", *args], capture_output=True, text=True)
+
+
+def test_gen_writes_records(tmp_path, capsys):
+    out = tmp_path / "d3.jsonl"
+    assert main(["gen", "--difficulty", "3", "--n", "25", "--seed", "5", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 25
+    for r in lines:
+        assert {"difficulty", "string", "letters", "answer", "messages"} <= set(r)
+        assert r["answer"] == {c: r["string"].count(c) for c in r["letters"]}
+    assert json.loads(capsys.readouterr().out)["n"] == 25
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--difficulty", "11", "--n", "5"], "difficulty must be an integer in 1-10, got 11"),
+    (["--difficulty", "0", "--n", "5"], "got 0"),
+    (["--difficulty", "3", "--n", "0"], "n must be an integer >= 1, got 0"),
+])
+def test_gen_rejects_bad_values_and_writes_nothing(tmp_path, args, msg):
+    out = tmp_path / "x.jsonl"
+    r = run_cli("gen", *args, "--out", str(out))
+    assert r.returncode != 0
+    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gen_unwritable_path_fails_cleanly(tmp_path):
+    out = tmp_path / "missing-dir" / "x.jsonl"
+    r = run_cli("gen", "--difficulty", "2", "--n", "3", "--out", str(out))
+    assert r.returncode != 0 and "missing-dir" in r.stderr
+    assert list(tmp_path.iterdir()) == []

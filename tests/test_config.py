@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from picorl.config import Config, ConfigError, describe, flatten, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_validate_and_every_knob_has_help():
+    load_config(None)
+    rows = describe()
+    assert len(rows) > 40
+    assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "grpo:\n  lr: 3.0e-6\n  group_size: 4\nstages:\n  - {difficulty: 2, updates: 5}\n")
+    cfg = load_config(p, ["grpo.lr=1e-5", "stages.0.updates=7", "eval.difficulties=[1, 2]",
+                          "model.name=Qwen/Qwen3-4B-Instruct-2507", "stages.0.promote_at=0.8"])
+    assert cfg.grpo.lr == 1e-5 and cfg.grpo.group_size == 4
+    assert cfg.stages[0].updates == 7 and cfg.stages[0].difficulty == 2 and cfg.stages[0].promote_at == 0.8
+    assert cfg.eval.difficulties == [1, 2] and cfg.model.name == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+@pytest.mark.parametrize("yaml_text,overrides,msg", [
+    ("grpo:\n  lrr: 1e-5\n", [], r"unknown config key 'grpo.lrr'; did you mean 'grpo.lr'"),
+    ("", ["rollout.temprature=0.5"], r"'rollout.temprature'; did you mean 'rollout.temperature'"),
+    ("grop: {}\n", [], r"'grop'; did you mean 'grpo'"),
+    ("", ["grpo.lr=0"], r"grpo.lr=0.0 must be > 0"),
+    ("", ["grpo.lr=-1e-5"], r"grpo.lr=-1e-05 must be > 0"),
+    ("", ["grpo.group_size=1"], r"grpo.group_size=1 must be >= 2"),
+    ("", ["model.lora.rank=0"], r"model.lora.rank=0 must be > 0"),
+    ("", ["rollout.gpu_memory_utilization=1.5"], r"gpu_memory_utilization=1.5 must be in \(0, 1\]"),
+    ("", ["rollout.gpu_memory_utilization=0"], r"gpu_memory_utilization=0.0 must be in \(0, 1\]"),
+    ("", ["stages.0.difficulty=11"], r"stages.0.difficulty=11 must be in 1-10"),
+    ("", ["eval.difficulties=[3, 12]"], r"eval.difficulties holds 12"),
+    ("", ["grpo.algorithm=ppo2"], r"grpo.algorithm='ppo2' is not one of"),
+    ("", ["grpo.group_size=eight"], r"grpo.group_size: expected int, got 'eight'"),
+    ("", ["grpo.group_size=true"], r"grpo.group_size: expected int, got True"),
+    ("stages: []\n", [], r"stages: expected a non-empty list"),
+    ("stages:\n  - {difficulty: 2, updates: 5, promote: 0.8}\n", [], r"'stages\[0\].promote'; did you mean"),
+    ("", ["grpo"], r"must look like key=value"),
+    ("- 1\n", [], r"expected a mapping"),
+])
+def test_bad_configs_name_key_and_value(tmp_path, yaml_text, overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(write(tmp_path, yaml_text), overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flatten_names_stage_keys():
+    flat = flatten(to_dict(Config()))
+    assert flat["grpo.lr"] == 1e-5 and flat["stages.0.difficulty"] == 6
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(path):
+    load_config(path)

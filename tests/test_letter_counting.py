@@ -1,0 +1,145 @@
+import json
+import random
+import time
+
+import pytest
+
+from picorl.envs.letter_counting import (TIERS, build_messages, grade, make_task, parse_answer,
+                                         score)
+
+
+@pytest.mark.parametrize("difficulty", sorted(TIERS))
+def test_tasks_follow_their_tier(difficulty):
+    lo, hi, p_multi, min_k, max_k, random_string = TIERS[difficulty]
+    rng = random.Random(difficulty)
+    multi = 0
+    for _ in range(300):
+        t = make_task(rng, difficulty)
+        s, letters = t["string"], t["letters"]
+        assert lo <= len(s) <= hi and s.isascii() and s.isalpha() and s.islower()
+        assert len(set(letters)) == len(letters)
+        if len(letters) > 1:
+            multi += 1
+            assert min(max(2, min_k), 26) <= len(letters) <= min(max_k, 26)
+        # property: every answer is the true count
+        assert t["answer"] == {c: s.count(c) for c in letters}
+    if p_multi == 0.0:
+        assert multi == 0
+    elif p_multi == 1.0:
+        assert multi == 300
+    else:
+        assert abs(multi / 300 - p_multi) < 0.12
+
+
+def test_target_letters_lean_towards_present_letters():
+    rng = random.Random(0)
+    present = total = 0
+    for _ in range(500):
+        t = make_task(rng, 6)
+        present += sum(c in t["string"] for c in t["letters"])
+        total += len(t["letters"])
+    # uniform letters would be present ~ 1 - (25/26)^60 ~ 90% at d6; d3 tells bias better
+    rng = random.Random(1)
+    p3 = [c in t["string"] for t in (make_task(rng, 3) for _ in range(500)) for c in t["letters"]]
+    assert 0.55 < sum(p3) / len(p3) < 0.95
+
+
+def test_prompt_names_string_letters_and_format():
+    one = build_messages("banana", ["a"])
+    many = build_messages("banana", ["a", "n"])
+    assert one[0]["role"] == "system" and "<answer>" in one[0]["content"]
+    assert '"banana"' in one[1]["content"] and "'a'" in one[1]["content"] and "integer" in one[1]["content"]
+    assert "JSON" in many[1]["content"] and "'n'" in many[1]["content"]
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<answer>3</answer>", {"a": 3}),
+    ("<answer> 3 \n</answer>", {"a": 3}),
+    ("<answer>03</answer>", {"a": 3}),
+    ("<think><answer>9</answer></think> so <answer>3</answer>", {"a": 3}),
+    ("<answer>1</answer> no wait <answer>3</answer>", {"a": 3}),
+    ("<answer>2</answer></think>nothing after", None),
+    ("<answer>3", None),
+    ("3", None),
+    ("<answer></answer>", None),
+    ("<answer>-3</answer>", None),
+    ("<answer>3.0</answer>", None),
+    ("<answer>three</answer>", None),
+    ("<answer>\u0663</answer>", None),          # Arabic-Indic digit three
+    ("<answer>\uff13</answer>", None),          # fullwidth 3
+    ("<answer>" + "9" * 100_000 + "</answer>", {"a": -1}),  # formatted, never right
+])
+def test_parse_one_letter(completion, expected):
+    p = parse_answer(completion, ["a"])
+    assert p.counts == expected
+
+
+@pytest.mark.parametrize("body,ok", [
+    ('{"a": 3, "n": 2}', True),
+    ('{"n": 2, "a": 3}', True),
+    ('{"a": 3}', False),                        # missing key
+    ('{"a": 3, "n": 2, "x": 0}', False),        # extra key
+    ('{"a": 3, "a": 3, "n": 2}', False),        # duplicate key
+    ('{"a": true, "n": 2}', False),             # bool
+    ('{"a": 3.0, "n": 2}', False),              # float
+    ('{"a": NaN, "n": 2}', False),
+    ('{"a": "3", "n": 2}', False),              # string
+    ('{"\u0430": 3, "n": 2}', False),           # Cyrillic a look-alike
+    ('[3, 2]', False),
+    ('{"a": 3, "n": 2', False),
+    ('[' * 100_000 + ']' * 100_000, False),     # deep nesting
+    ('{"a": ' + '1' * 5000 + ', "n": 2}', False),  # beyond int's max digits
+])
+def test_parse_several_letters(body, ok):
+    p = parse_answer(f"<answer>{body}</answer>", ["a", "n"])
+    assert p.formatted is ok
+
+
+def test_negative_json_count_is_formatted_but_wrong():
+    g = grade('<answer>{"a": -3, "n": 2}</answer>', ["a", "n"], {"a": 3, "n": 2})
+    assert g["formatted"] == 1.0 and g["exact"] == 0.0 and g["partial"] == 0.5
+
+
+def test_rewards():
+    ans1 = {"a": 3}
+    assert score("<answer>3</answer>", ["a"], ans1, kind="partial") == 1.0
+    assert score("<answer>4</answer>", ["a"], ans1, kind="partial") == pytest.approx(0.1)
+    assert score("4", ["a"], ans1, kind="partial") == 0.0
+    assert score("<answer>3</answer>", ["a"], ans1, kind="binary") == 1.0
+    assert score("<answer>4</answer>", ["a"], ans1, kind="binary") == 0.0
+    ans = {"a": 3, "n": 2, "b": 1}
+    half = '<answer>{"a": 3, "n": 2, "b": 5}</answer>'
+    assert score(half, ["a", "n", "b"], ans, kind="partial") == pytest.approx(0.1 + 0.9 * 2 / 3)
+    assert score(half, ["a", "n", "b"], ans, kind="binary") == 0.0
+    assert score(half, ["a", "n", "b"], ans, kind="binary", format_bonus=0.2) == pytest.approx(0.2)
+    assert score("junk", ["a", "n", "b"], ans, kind="binary", format_bonus=0.2) == 0.0
+    with pytest.raises(ValueError, match="'bogus'"):
+        score(half, ["a", "n", "b"], ans, kind="bogus")
+
+
+def test_grade_reports_exact_partial_formatted():
+    ans = {"a": 3, "n": 2}
+    assert grade('<answer>{"a": 3, "n": 2}</answer>', ["a", "n"], ans) == \
+        {"exact": 1.0, "partial": 1.0, "formatted": 1.0, "prediction": {"a": 3, "n": 2}}
+    assert grade("no tags", ["a", "n"], ans)["formatted"] == 0.0
+
+
+@pytest.mark.parametrize("junk", [
+    "x" * 1_000_000,
+    "<answer>" * 200_000,
+    "</answer>" * 200_000,
+    "<answer>" + "{" * 500_000 + "</answer>",
+    "<answer>" + json.dumps({"a": "x" * 1_000_000, "n": 1}) + "</answer>",
+    "</think>" * 100_000 + "<answer>1</answer>",
+])
+def test_hostile_completions_are_fast_and_never_raise(junk):
+    for letters in (["a"], ["a", "n"]):
+        t0 = time.perf_counter()
+        g = grade(junk, letters, {c: 1 for c in letters})
+        s = score(junk, letters, {c: 1 for c in letters}, kind="partial")
+        assert time.perf_counter() - t0 < 1.0
+        assert 0.0 <= s <= 1.0 and g["exact"] in (0.0, 1.0)
+
+
+def test_non_string_completion_scores_zero():
+    assert score(None, ["a"], {"a": 1}) == 0.0

@@ -1,0 +1,93 @@
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from picorl import models
+
+
+def test_tiny_llama_builds_and_runs(tokenizer):
+    model = models.tiny_llama(len(tokenizer))
+    ids = tokenizer(["hello"], return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_tokenizer_pads_left_with_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_lora_wraps_all_projections_and_trains_only_the_adapter(tiny_model):
+    peft_model = models.add_lora(tiny_model, rank=4, alpha=8)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable if "lora_A" in n} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_names_missing_targets(tiny_model):
+    with pytest.raises(ValueError, match=r"\['c_attn'\] not found"):
+        models.add_lora(tiny_model, target_modules=["q_proj", "c_attn"])
+
+
+def test_missing_model_says_what_and_where(tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="'no-such/model' not found.*local Hugging Face cache"):
+        models.resolve_model("no-such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelNotFoundError, match="has no config.json"):
+        models.resolve_model(str(tmp_path / "empty"))
+
+
+def test_missing_adapter_is_named(tiny_model, tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="adapter_config.json not found"):
+        models.load_adapter(tiny_model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(models.ModelNotFoundError, match="pickled .bin adapters are not loaded"):
+        models.load_adapter(tiny_model, tmp_path)
+
+
+def test_local_folder_loads_from_safetensors(tokenizer, tmp_path):
+    m = models.tiny_llama(len(tokenizer))
+    m.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = models.load_model(str(tmp_path), device="cpu")
+    assert not any(p.name.endswith(".bin") for p in tmp_path.iterdir())
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.equal(loaded(ids).logits, m.eval()(ids).logits)
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_and_chats():
+    model, tok = models.load_model(models.EMBEDDED, device="cpu")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(135e6, rel=0.05)
+    assert "quantization_config" not in json.loads((models.embedded_model_dir() / "config.json").read_text())
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def _convert(cache, q):
+    import os
+    os.environ["PICORL_CACHE"] = cache
+    from picorl import models as m
+    q.put(str(m.embedded_model_dir()))
+
+
+@pytest.mark.slow
+def test_concurrent_conversion_leaves_one_whole_model(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_convert, args=(str(tmp_path), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    dirs = {q.get(timeout=5), q.get(timeout=5)}
+    assert len(dirs) == 1
+    leftovers = [p.name for p in (tmp_path / "models").iterdir()]
+    assert leftovers == [models.EMBEDDED]
+    assert (tmp_path / "models" / models.EMBEDDED / "model.safetensors").is_file()
