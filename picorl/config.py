@@ -69,7 +69,7 @@ class SFTConfig:
     style: str = knob("cot", "cot: spell the string out with a running tally, then answer. direct: the answer tag only.")
     steps: int = knob(50, "Optimizer steps of SFT.")
     batch_size: int = knob(8, "Demonstrations per SFT step.")
-    lr: float = knob(2e-4, "SFT learning rate (LoRA).")
+    lr: float = knob(5e-4, "SFT learning rate (LoRA).")
     difficulties: list = knob([1, 2, 3, 4, 5, 6], "Difficulties the demonstrations are drawn from, uniformly.")
 
 
@@ -91,10 +91,11 @@ class GRPOConfig:
     group_size: int = knob(8, "Completions sampled per task: the k of a group.")
     lr: float = knob(1e-5, "Learning rate of the policy update.")
     weight_decay: float = knob(0.0, "AdamW weight decay.")
+    warmup_updates: int = knob(0, "Updates of linear learning-rate warmup; constant afterwards.")
     eps_low: float = knob(0.2, "Lower clip range of the ratio (1 - eps_low).")
-    eps_high: float = knob(0.2, "Upper clip range of the ratio (1 + eps_high); dapo uses 0.28.")
+    eps_high: float | None = knob(None, "Upper clip range of the ratio (1 + eps_high); null: 0.28 for dapo (clip-higher), else 0.2.")
     kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (adapter off); 0 skips it.")
-    epochs: int = knob(1, "Passes over one batch of rollouts (ppo uses > 1).")
+    epochs: int = knob(1, "Passes over one batch of rollouts; ppo needs >= 2, the others usually 1.")
     micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
     max_grad_norm: float = knob(1.0, "Gradient norm clip.")
     max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")
@@ -166,7 +167,7 @@ RULES = {
     "rollout.temperature": _nonneg, "rollout.top_p": _frac, "rollout.max_tokens": _pos,
     "rollout.batch_size": _pos, "rollout.gpu_memory_utilization": _frac, "rollout.max_model_len": _pos,
     "grpo.tasks_per_update": _pos, "grpo.group_size": (lambda v: v >= 2, ">= 2"), "grpo.lr": _pos,
-    "grpo.weight_decay": _nonneg, "grpo.eps_low": (lambda v: 0 < v < 1, "in (0, 1)"), "grpo.eps_high": _pos,
+    "grpo.weight_decay": _nonneg, "grpo.warmup_updates": _nonneg, "grpo.eps_low": (lambda v: 0 < v < 1, "in (0, 1)"), "grpo.eps_high": _pos,
     "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
     "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
@@ -333,6 +334,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"stages.{i}.demote_below={s.demote_below!r} must be below promote_at={s.promote_at!r}")
         if s.difficulty > s.max_difficulty:
             raise ConfigError(f"stages.{i}.difficulty={s.difficulty!r} is above its max_difficulty={s.max_difficulty!r}")
+    if cfg.grpo.algorithm == "ppo" and cfg.grpo.epochs < 2:
+        raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
     if cfg.eval.size > cfg.data.eval_size:
         raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
 

@@ -40,6 +40,11 @@ def with_messages(task: dict) -> dict:
     return {**task, "messages": build_messages(task["string"], task["letters"])}
 
 
+def messages_of(record: dict) -> list[dict]:
+    """The chat prompt of a record: its own `messages`, or the standard one built from string and letters."""
+    return record.get("messages") or build_messages(record["string"], record["letters"])
+
+
 @functools.lru_cache(maxsize=32)
 def _eval_pool(difficulty: int, seed: int, size: int) -> str:
     rng = _rng("eval", difficulty, seed)
@@ -132,7 +137,8 @@ def _check_record(r, where: str) -> dict:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read task records; a malformed line raises DataError naming the file and line number.
 
-    Records need only `string`, `letters` and `answer`; the prompt is rebuilt when absent.
+    Records need only `string`, `letters` and `answer` (see `messages_of` for the prompt);
+    they come back as written.
     """
     path = Path(path)
     if not path.is_file():
@@ -146,10 +152,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            r = _check_record(r, f"{path}:{i}")
-            if "messages" not in r:
-                r = with_messages(r)
-            out.append(r)
+            out.append(_check_record(r, f"{path}:{i}"))
     if not out:
         raise DataError(f"{path}: no records")
     return out

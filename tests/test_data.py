@@ -59,7 +59,8 @@ def test_jsonl_round_trip_and_minimal_records(tmp_path):
     minimal = [{k: r[k] for k in ("string", "letters", "answer")} for r in recs]
     data.write_jsonl(minimal, tmp_path / "m.jsonl")
     rebuilt = data.read_jsonl(tmp_path / "m.jsonl")
-    assert [r["messages"] for r in rebuilt] == [r["messages"] for r in recs]
+    assert rebuilt == minimal
+    assert [data.messages_of(r) for r in rebuilt] == [r["messages"] for r in recs]
 
 
 @pytest.mark.parametrize("line,msg", [

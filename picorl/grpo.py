@@ -1,0 +1,103 @@
+"""The GRPO family in three functions: advantages, per-token log-probs, the clipped loss.
+
+Worked example. One task is sampled k=4 times; the completions score [1, 0, 0, 1]:
+    group mean 0.5, unbiased std 0.577
+    group_advantages([1,0,0,1], 4, scale="group") -> [0.866, -0.866, -0.866, 0.866]
+    scale="none" (Dr. GRPO)                        -> [0.5, -0.5, -0.5, 0.5]
+A second task scoring [1, 1, 1, 1] has zero variance: every advantage is 0 and it teaches
+nothing (counted in `frac_zero_var_groups`; DAPO's dynamic sampling resamples it).
+
+With one pass over fresh rollouts the ratio r = exp(logp - old_logp) is 1, so each token's
+loss is -A * logp and its gradient pushes the right answers up and the wrong ones down.
+With several passes (ppo), r drifts from 1 and the clip stops a token's push once
+r leaves [1 - eps_low, 1 + eps_high] in the direction of its advantage.
+
+Aggregation decides how long answers weigh:
+    seq     mean over each sequence's tokens, then over sequences (GRPO): short answers'
+            tokens weigh more.
+    token   sum over all tokens / number of tokens (DAPO): every token weighs the same.
+    dr_grpo sum over all tokens / (sequences x max_len) (Dr. GRPO): a constant
+            normaliser, so no length bias at all.
+
+Algorithms in the config map to these settings (ALGORITHMS below).
+"""
+from __future__ import annotations
+
+import torch
+
+# algorithm -> advantage scale, loss aggregation, default eps_high, dynamic sampling
+ALGORITHMS = {
+    "grpo": dict(scale="group", agg="seq", eps_high=0.2, dynamic_sampling=False),
+    "dr_grpo": dict(scale="none", agg="dr_grpo", eps_high=0.2, dynamic_sampling=False),
+    "dapo": dict(scale="group", agg="token", eps_high=0.28, dynamic_sampling=True),
+    "reinforce": dict(scale="none", agg="seq", eps_high=0.2, dynamic_sampling=False),
+    "ppo": dict(scale="group", agg="seq", eps_high=0.2, dynamic_sampling=False),
+}
+STD_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group"):
+    """Advantages of a flat reward vector laid out group by group.
+
+    Returns (advantages, zero_var) where zero_var flags each group whose rewards are all equal.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    g = rewards.float().view(-1, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    zero_var = (g.max(dim=1).values - g.min(dim=1).values) == 0
+    if scale == "group":
+        centred = centred / (g.std(dim=1, keepdim=True) + STD_EPS)
+    elif scale == "batch":
+        centred = centred / (rewards.float().std() + STD_EPS)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    centred[zero_var] = 0.0
+    return centred.view(-1), zero_var
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for every position, 0 where completion_mask is 0.
+
+    Shapes: all (batch, seq); position t holds the log-prob of input_ids[:, t].
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    # log_softmax over the whole vocab at once is the memory peak; gather right after.
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logp = torch.nn.functional.pad(logp, (1, 0))
+    return logp * completion_mask
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None):
+    mask = mask.float()
+    if agg == "seq":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if agg == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if agg == "dr_grpo":
+        return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+    raise ValueError(f"agg must be 'seq', 'token' or 'dr_grpo', got {agg!r}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                agg: str = "seq", max_len: int | None = None, return_metrics: bool = False):
+    """Clipped-ratio policy loss -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A), aggregated by `agg`.
+
+    logp, old_logp, mask: (batch, seq); advantages: (batch,) one per sequence.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, agg, max_len)
+    if not return_metrics:
+        return loss
+    m = mask.bool()
+    clip_frac = (clipped[m] < unclipped[m]).float().mean() if m.any() else torch.tensor(0.0)
+    return loss, {"clip_frac": clip_frac.item(), "ratio_mean": ratio[m].mean().item() if m.any() else 1.0}
+
+
+def kl_penalty(logp, ref_logp, mask, agg: str = "seq", max_len: int | None = None):
+    """k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1, >= 0 per token."""
+    d = ref_logp - logp
+    return aggregate(torch.exp(d) - d - 1, mask, agg, max_len)

@@ -1,0 +1,36 @@
+"""The RolloutEngine interface.
+
+An engine turns chat prompts into completions; the trainer never needs to know which
+engine made them. `generate(prompts, n, sampling)` returns one list per prompt holding its
+n completions, in order, so that `groups[i]` is prompt i's group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]            # generated tokens, up to and including the stop token
+    prompt_ids: list[int]           # the tokenized prompt the completion continues
+    logprobs: list[float] | None = None  # sampling log-probs per token, where the engine gives them
+    finished: bool = True           # stopped at eos rather than at max_tokens
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[Completion]]:
+        """n completions for each chat prompt (a list of {'role', 'content'} messages)."""
+
+    def sync_weights(self, model) -> None:
+        """Make the engine sample from the current policy (a no-op for an engine that shares the model)."""

@@ -1,0 +1,85 @@
+"""Rollouts with transformers' `generate`: the engine that runs anywhere torch runs.
+
+All prompts x n go through `generate` in as few calls as memory allows (`batch_size`
+sequences per call), left-padded so every prompt ends where generation starts. The
+engine shares the trainer's model object, so there is no weight sync to do.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from picorl.rollout.base import Completion, Sampling
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt up to and including the assistant header."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.progress = batch_size, progress
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # same object as the trainer's: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[Completion]]:
+        tok, model = self.tokenizer, self.model
+        prompt_ids = [chat_prompt_ids(tok, m) for m in prompts]
+        # Sequence j of the flat batch is sample (j % n) of prompt (j // n), so groups stay together.
+        flat = [ids for ids in prompt_ids for _ in range(n)]
+        stops = stop_ids(model, tok)
+        greedy = sampling.temperature == 0
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        texts: list[Completion] = []
+        bar = tqdm(total=len(flat), desc="rollout", unit="seq", leave=False, disable=not self.progress)
+        # Long prompts first would waste less padding, but order must map back; sort then restore.
+        order = sorted(range(len(flat)), key=lambda j: len(flat[j]))
+        results: dict[int, Completion] = {}
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = [flat[j] for j in idx]
+            width = max(len(b) for b in batch)
+            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, ids in enumerate(batch):
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                attn[r, width - len(ids):] = 1
+            kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_tokens,
+                          eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            if not greedy:
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            new = out[:, width:].tolist()
+            for r, j in enumerate(idx):
+                ids, finished = [], False
+                for t in new[r]:
+                    ids.append(t)
+                    if t in stops:
+                        finished = True
+                        break
+                text = tok.decode(ids, skip_special_tokens=True)
+                results[j] = Completion(text=text, token_ids=ids, prompt_ids=flat[j], finished=finished)
+            bar.update(len(idx))
+        bar.close()
+        model.train(was_training)
+        texts = [results[j] for j in range(len(flat))]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,120 @@
+"""SFT warmup: teach the answer format (and, with `cot`, a way to count) before RL.
+
+Two target styles:
+
+direct (the reference run): the answer tag only.
+    <answer>{"e": 1, "o": 2}</answer>
+
+cot: spell the string one character per step and tag each asked letter with its running
+count, then answer with the last count of each letter.
+    <think>o1 v e1 r m o2 d e2 s t</think>
+    <answer>{"e": 2, "o": 2}</answer>
+
+Why this shape works for a 135M model: every step is local. Emitting the next character
+means finding where the spelled-out tail sits in the prompt's string and copying the next
+letter; a count is "the last count of this letter + 1", found by looking back for the same
+letter; the answer is each letter's last count. Nothing has to be held across a long span.
+Each character is one token (" x") and a count one or two more, so the chain costs about
+1.4 tokens per character: at d6 (40-80 characters, 8-12 letters) 157 tokens on average and
+202 at most over the first 64 held-out items (SmolLM2 tokenizer), well inside max_tokens.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from picorl.data import messages_of
+from picorl.rollout.hf import chat_prompt_ids
+
+STYLES = ("direct", "cot")
+
+
+def answer_text(letters: list[str], answer: dict) -> str:
+    if len(letters) == 1:
+        return f"<answer>{answer[letters[0]]}</answer>"
+    return "<answer>" + json.dumps({c: answer[c] for c in letters}) + "</answer>"
+
+
+def cot_text(string: str, letters: list[str]) -> str:
+    counts = dict.fromkeys(letters, 0)
+    steps = []
+    for ch in string:
+        if ch in counts:
+            counts[ch] += 1
+            steps.append(f"{ch}{counts[ch]}")
+        else:
+            steps.append(ch)
+    return "<think>" + " ".join(steps) + "</think>\n"
+
+
+def demonstration(record: dict, style: str) -> str:
+    """The assistant's target text for one task."""
+    if style not in STYLES:
+        raise ValueError(f"sft.style must be one of {', '.join(STYLES)}, got {style!r}")
+    head = cot_text(record["string"], record["letters"]) if style == "cot" else ""
+    return head + answer_text(record["letters"], record["answer"])
+
+
+def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are -100 on the prompt so the loss covers the assistant's tokens only.
+
+    The prompt is tokenized exactly as the rollout engine tokenizes it, and the target ends
+    with eos, so SFT teaches the model to stop where generation stops.
+    """
+    prompt = chat_prompt_ids(tokenizer, messages_of(record))
+    target = tokenizer(demonstration(record, style), add_special_tokens=False)["input_ids"]
+    target = target + [tokenizer.eos_token_id]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad a batch (training needs no generation alignment)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, attn, labels
+
+
+def sft_loss(model, ids, attn, labels) -> torch.Tensor:
+    """Mean next-token cross-entropy over the assistant tokens of the batch."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, batch_size: int,
+              lr: float, seed: int = 0, optimizer=None, start_step: int = 0,
+              on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> list[float]:
+    """Run SFT steps [start_step, steps) and return their losses.
+
+    Batches are drawn by a RNG seeded from (seed, step), so step s sees the same batch
+    whether the run went straight through or resumed at s.
+    """
+    if steps <= start_step:
+        return []
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in tqdm(range(start_step, steps), desc="sft", unit="step", disable=not progress):
+        rng = random.Random(f"sft/{seed}/{step}")
+        batch = [encode_example(tokenizer, rng.choice(records), style) for _ in range(batch_size)]
+        ids, attn, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+        loss = sft_loss(model, ids, attn, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    model.eval()
+    return losses

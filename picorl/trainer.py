@@ -1,0 +1,224 @@
+"""One GRPO update, end to end: rollouts -> rewards -> advantages -> loss -> optimizer step.
+
+    trainer = GRPOTrainer(model, tokenizer, engine, cfg)
+    metrics = trainer.update(train_records)      # one update on tasks drawn from the records
+
+Every update draws its tasks and sampling seed from (run seed, update number), so update N
+is the same update whether the run went straight through or resumed from a checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+from picorl.data import messages_of
+from picorl.envs.letter_counting import grade, score
+from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, token_logprobs
+from picorl.rollout import Completion, Sampling
+
+RewardFn = Callable[[Completion, dict], tuple[float, bool]]
+
+
+def letter_reward(kind: str, format_bonus: float) -> RewardFn:
+    """(reward, fully correct) of a completion on a letter-counting record."""
+    def reward(c: Completion, r: dict) -> tuple[float, bool]:
+        return (score(c.text, r["letters"], r["answer"], kind=kind, format_bonus=format_bonus),
+                grade(c.text, r["letters"], r["answer"])["exact"] == 1.0)
+    return reward
+
+
+def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    cmask = torch.zeros((len(seqs), width), dtype=torch.float)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)], attn[i, :len(s)], cmask[i, :len(m)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
+    return ids.to(device), attn.to(device), cmask.to(device)
+
+
+class GRPOTrainer:
+    def __init__(self, model, tokenizer, engine, cfg, reward_fn: RewardFn | None = None):
+        self.model, self.tokenizer, self.engine, self.cfg = model, tokenizer, engine, cfg
+        g = cfg.grpo
+        self.algo = dict(ALGORITHMS[g.algorithm])
+        self.eps_high = g.eps_high if g.eps_high is not None else self.algo["eps_high"]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=g.lr, weight_decay=g.weight_decay)
+        warm = max(g.warmup_updates, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.reward_fn = reward_fn or letter_reward(cfg.reward.kind, cfg.reward.format_bonus)
+        self.step = 0  # global update number: updates done so far
+        self.skipped_in_a_row = 0
+        self.device = next(model.parameters()).device
+        # With LoRA the reference policy is the same model with the adapter off; full
+        # fine-tuning needs a frozen copy, made only when a KL term asks for it.
+        self.ref_model = None
+        if g.kl_coef > 0 and not hasattr(model, "disable_adapter"):
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------ rollouts and rewards
+
+    def _rollout(self, records, seed):
+        r = self.cfg.rollout
+        sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
+        groups = self.engine.generate([messages_of(x) for x in records], self.cfg.grpo.group_size, sampling)
+        scored = [[self.reward_fn(c, rec) for c in grp] for grp, rec in zip(groups, records)]
+        return groups, scored
+
+    def collect(self, records: list[dict]):
+        """Sample tasks and roll them out; with dynamic sampling, refill zero-variance groups."""
+        g, cfg = self.cfg.grpo, self.cfg
+        rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}")
+        tasks = [rng.choice(records) for _ in range(g.tasks_per_update)]
+        t0 = time.perf_counter()
+        groups, scored = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
+        stats = {"rollout_groups": len(groups)}
+        all_rewards = [s for grp in scored for s in grp]
+        if self.algo["dynamic_sampling"]:
+            keep = lambda s: len({x[0] for x in s}) > 1  # noqa: E731
+            kept = [(t, gr, s) for t, gr, s in zip(tasks, groups, scored) if keep(s)]
+            for round_ in range(g.max_resample_rounds):
+                if len(kept) >= g.tasks_per_update:
+                    break
+                more = [rng.choice(records) for _ in range(g.tasks_per_update - len(kept))]
+                mg, ms = self._rollout(more, seed=cfg.run.seed * 1_000_003 + self.step + (round_ + 1) * 7919)
+                stats["rollout_groups"] += len(mg)
+                all_rewards += [s for grp in ms for s in grp]
+                kept += [(t, gr, s) for t, gr, s in zip(more, mg, ms) if keep(s)]
+            kept = kept[:g.tasks_per_update]
+            tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
+        rollout_s = time.perf_counter() - t0
+        return tasks, groups, scored, all_rewards, rollout_s, stats
+
+    # ------------------------------------------------------------ the update
+
+    def update(self, records: list[dict]) -> dict:
+        """One policy update on tasks drawn from `records`; returns its metrics."""
+        g = self.cfg.grpo
+        t_start = time.perf_counter()
+        tasks, groups, scored, all_rewards, rollout_s, stats = self.collect(records)
+        n_tokens = sum(len(c.token_ids) for grp in groups for c in grp)
+        first_round = all_rewards[:g.tasks_per_update * g.group_size]
+        rewards_first = torch.tensor([r for r, _ in first_round], dtype=torch.float)
+        _, zero_var_first = group_advantages(rewards_first, g.group_size, scale="none")
+        metrics = {
+            "reward_mean": rewards_first.mean().item(),
+            "reward_std": rewards_first.std().item() if rewards_first.numel() > 1 else 0.0,
+            "frac_correct": sum(c for _, c in first_round) / len(first_round),
+            "reward_std_in_group": rewards_first.view(-1, g.group_size).std(dim=1).mean().item(),
+            "frac_zero_var_groups": zero_var_first.float().mean().item(),
+            "completion_len": n_tokens / max(1, sum(len(grp) for grp in groups)),
+            "rollout_tokens_per_s": n_tokens / max(rollout_s, 1e-9),
+            "rollout_s": rollout_s,
+            **stats,
+        }
+        # Per-task fraction correct over the first round, for the curriculum's rolling window.
+        metrics["task_correct"] = [sum(c for _, c in first_round[i:i + g.group_size]) / g.group_size
+                                   for i in range(0, len(first_round), g.group_size)]
+        if not groups:
+            return self._finish(metrics, t_start, loss=0.0, kl=0.0, grad_norm=0.0, skipped=True,
+                                reason="no group with reward variance")
+        rewards = torch.tensor([r for s in scored for r, _ in s], dtype=torch.float)
+        adv, _ = group_advantages(rewards, g.group_size, scale=self.algo["scale"])
+        seqs = [c.prompt_ids + c.token_ids for grp in groups for c in grp]
+        masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for grp in groups for c in grp]
+        loss_val, kl_val, clip = self._optimise(seqs, masks, adv)
+        t_opt = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, g.max_grad_norm).item()
+        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["optimizer_s"] = time.perf_counter() - t_opt
+        metrics["clip_frac"] = clip
+        return self._finish(metrics, t_start, loss=loss_val, kl=kl_val, grad_norm=grad_norm,
+                            skipped=not finite, reason="non-finite loss or grad norm")
+
+    def _finish(self, metrics, t_start, *, loss, kl, grad_norm, skipped, reason):
+        self.scheduler.step()
+        self.step += 1
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        metrics.update(loss=loss, kl=kl, grad_norm=grad_norm, skipped=float(skipped),
+                       lr=self.optimizer.param_groups[0]["lr"], update_s=time.perf_counter() - t_start)
+        if skipped:
+            metrics["skip_reason"] = reason
+        return metrics
+
+    def _optimise(self, seqs, masks, adv):
+        """Loss and gradients over micro-batches, weighted so they sum to the full batch's loss."""
+        g = self.cfg.grpo
+        agg, mb = self.algo["agg"], g.micro_batch_size
+        max_len = self.cfg.rollout.max_tokens
+        total_tokens = sum(sum(m) for m in masks)
+        # Zero-advantage sequences add nothing to the policy loss; without a KL term, skip their forward.
+        idx = [i for i in range(len(seqs)) if g.kl_coef > 0 or adv[i] != 0]
+        old = {}
+        if g.epochs > 1:  # the ratio needs the pre-update policy's log-probs, frozen
+            with torch.no_grad():
+                for s in range(0, len(idx), mb):
+                    part = idx[s:s + mb]
+                    ids, attn, cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
+                                              self.tokenizer.pad_token_id, self.device)
+                    lp = token_logprobs(self.model, ids, attn, cm)
+                    for j, i in enumerate(part):
+                        old[i] = lp[j, :len(seqs[i])]
+        loss_sum = kl_sum = clip_sum = 0.0
+        n_mb = 0
+        self.model.train()
+        for _ in range(g.epochs):
+            for s in range(0, len(idx), mb):
+                part = idx[s:s + mb]
+                ids, attn, cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
+                                          self.tokenizer.pad_token_id, self.device)
+                logp = token_logprobs(self.model, ids, attn, cm)
+                if old:
+                    old_lp = torch.zeros_like(logp)
+                    for j, i in enumerate(part):
+                        old_lp[j, :len(seqs[i])] = old[i]
+                else:
+                    old_lp = logp.detach()
+                weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / len(seqs)
+                a = adv[part].to(self.device)
+                loss, m = policy_loss(logp, old_lp, a, cm, eps_low=g.eps_low, eps_high=self.eps_high,
+                                      agg=agg, max_len=max_len, return_metrics=True)
+                total = loss
+                if g.kl_coef > 0:
+                    kl = kl_penalty(logp, self._ref_logprobs(ids, attn, cm), cm, agg, max_len)
+                    total = total + g.kl_coef * kl
+                    kl_sum += kl.item() * weight
+                (total * weight / g.epochs).backward()
+                loss_sum += loss.item() * weight / g.epochs
+                clip_sum += m["clip_frac"]
+                n_mb += 1
+        self.model.eval()
+        return loss_sum, kl_sum / g.epochs, clip_sum / max(n_mb, 1)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, ids, attn, cm):
+        if self.ref_model is not None:
+            return token_logprobs(self.ref_model, ids, attn, cm)
+        ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+        with ctx:
+            return token_logprobs(self.model, ids, attn, cm)
+
+    # ------------------------------------------------------------ state for checkpoints
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_in_a_row": self.skipped_in_a_row,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

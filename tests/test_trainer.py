@@ -1,0 +1,162 @@
+"""GRPO updates on a tiny random Llama: learning, skipping, micro-batching, checkpoints."""
+import math
+
+import pytest
+import torch
+
+from picorl import checkpoint, data
+from picorl.config import load_config
+from picorl.models import add_lora, tiny_llama
+from picorl.rollout.hf import HFEngine
+from picorl.data import messages_of
+from picorl.rollout.hf import chat_prompt_ids
+from picorl.trainer import GRPOTrainer
+
+RECORDS = data.train_records(1, 1, seed=0)
+
+
+# Toy task, one prompt: the reward is 1 when the first generated token is one of the 10
+# tokens the initial model finds likeliest after it. A random Llama with a wide init puts
+# ~15-25% on them, so groups have variance and GRPO has something to push up.
+def make(tokenizer, *overrides, lora=True, seed=0, records=RECORDS):
+    cfg = load_config(None, ["rollout.max_tokens=3", "rollout.temperature=1.0", "grpo.tasks_per_update=4",
+                             "grpo.group_size=8", "grpo.lr=0.003", "grpo.micro_batch_size=8",
+                             "model.lora.rank=8", "model.lora.alpha=16", *overrides])
+    model = tiny_llama(len(tokenizer), seed=seed, initializer_range=0.3)
+    favourites = {}
+    with torch.no_grad():
+        for r in records:
+            ids = torch.tensor([chat_prompt_ids(tokenizer, messages_of(r))])
+            favourites[r["string"]] = set(model(ids).logits[0, -1].topk(10).indices.tolist())
+
+    def reward(c, record):
+        ok = bool(c.token_ids) and c.token_ids[0] in favourites[record["string"]]
+        return float(ok), ok
+    if lora:
+        model = add_lora(model, rank=8, alpha=16)
+    engine = HFEngine(model, tokenizer, progress=False)
+    return GRPOTrainer(model, tokenizer, engine, cfg, reward_fn=reward), cfg
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "dapo", "reinforce"])
+def test_a_few_updates_raise_the_reward(tokenizer, algorithm):
+    trainer, _ = make(tokenizer, f"grpo.algorithm={algorithm}")
+    rewards = [trainer.update(RECORDS)["reward_mean"] for _ in range(8)]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    assert trainer.step == 8
+
+
+def test_ppo_epochs_and_full_finetuning_learn(tokenizer):
+    trainer, _ = make(tokenizer, "grpo.algorithm=ppo", "grpo.epochs=2", "grpo.lr=0.0003", lora=False)
+    rewards = [trainer.update(RECORDS)["reward_mean"] for _ in range(8)]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+
+def test_update_reports_every_metric(tokenizer):
+    trainer, _ = make(tokenizer, "grpo.kl_coef=0.1")
+    m = trainer.update(RECORDS)
+    for key in ("reward_mean", "reward_std", "frac_correct", "reward_std_in_group", "frac_zero_var_groups",
+                "loss", "grad_norm", "kl", "completion_len", "rollout_tokens_per_s", "update_s", "skipped"):
+        assert key in m and math.isfinite(m[key]), key
+    assert len(m["task_correct"]) == 4 and m["skipped"] == 0.0
+    assert 1 <= m["completion_len"] <= 3
+
+
+def test_kl_grows_as_the_policy_leaves_the_reference(tokenizer):
+    trainer, _ = make(tokenizer, "grpo.kl_coef=0.01")
+    kls = [trainer.update(RECORDS)["kl"] for _ in range(5)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA: B=0, policy == reference
+    assert kls[-1] > 1e-4
+
+
+def test_micro_batches_give_the_full_batch_gradient(tokenizer):
+    for algorithm in ("grpo", "dapo", "dr_grpo"):
+        per = []
+        for mb in (32, 5):
+            trainer, _ = make(tokenizer, f"grpo.algorithm={algorithm}", f"grpo.micro_batch_size={mb}",
+                              "grpo.max_resample_rounds=0")
+            tasks, groups, scored, *_ = trainer.collect(RECORDS)
+            rewards = torch.tensor([r for s in scored for r, _ in s])
+            from picorl.grpo import group_advantages
+            adv, _ = group_advantages(rewards, 8, scale=trainer.algo["scale"])
+            seqs = [c.prompt_ids + c.token_ids for g in groups for c in g]
+            masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for g in groups for c in g]
+            loss, _, _ = trainer._optimise(seqs, masks, adv)
+            per.append((loss, torch.cat([p.grad.flatten() for p in trainer.params])))
+        assert per[0][0] == pytest.approx(per[1][0], rel=1e-5, abs=1e-7)
+        assert torch.allclose(per[0][1], per[1][1], rtol=1e-4, atol=1e-7), algorithm
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_weights(tokenizer):
+    trainer, _ = make(tokenizer)
+    before = [p.detach().clone() for p in trainer.params]
+    trainer._optimise = lambda *a: (float("nan"), 0.0, 0.0)
+    m = trainer.update(RECORDS)
+    assert m["skipped"] == 1.0 and "non-finite" in m["skip_reason"]
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert trainer.step == 1 and trainer.skipped_in_a_row == 1
+
+
+def test_dynamic_sampling_drops_zero_variance_groups(tokenizer):
+    calls = {"n": 0}
+
+    def first_task_always_right(c, record):
+        calls["n"] += 1
+        r = 1.0 if record["string"] == RECORDS[0]["string"] else float(c.token_ids[0] % 2 == 0)
+        return r, r == 1.0
+    trainer, _ = make(tokenizer, "grpo.algorithm=dapo")
+    trainer.reward_fn = first_task_always_right
+    m = trainer.update([RECORDS[0]])  # every group has zero variance: nothing to learn
+    assert m["skipped"] == 1.0 and m["frac_zero_var_groups"] == 1.0
+    assert m["rollout_groups"] == 4 * (1 + trainer.cfg.grpo.max_resample_rounds)
+
+
+def test_checkpoint_round_trip_gives_bit_identical_next_steps(tokenizer, tmp_path):
+    trainer, cfg = make(tokenizer, "grpo.warmup_updates=3")
+    for _ in range(2):
+        trainer.update(RECORDS)
+    checkpoint.save_checkpoint(tmp_path, trainer.step, trainer.model, trainer.state_dict(),
+                               info={"phase": "grpo"})
+    straight = [trainer.update(RECORDS) for _ in range(2)]
+    weights_straight = [p.detach().clone() for p in trainer.params]
+
+    resumed, _ = make(tokenizer, "grpo.warmup_updates=3")
+    with torch.no_grad():  # scramble the adapter: every trained weight must come from disk
+        for p in resumed.params:
+            p.normal_()
+    torch.manual_seed(123)  # and the RNG: its state must come from disk too
+    state, info = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path), resumed.model)
+    resumed.load_state_dict(state)
+    assert info["phase"] == "grpo" and resumed.step == 2
+    again = [resumed.update(RECORDS) for _ in range(2)]
+    for a, b in zip(straight, again):
+        assert a["reward_mean"] == b["reward_mean"] and a["loss"] == b["loss"] and a["lr"] == b["lr"]
+    assert all(torch.equal(a, b) for a, b in zip(weights_straight, resumed.params))
+
+
+def test_checkpoints_are_atomic_and_pruned(tokenizer, tmp_path, monkeypatch):
+    trainer, _ = make(tokenizer)
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, step, trainer.model, trainer.state_dict(), keep_last=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_2", "step_3"]
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_checkpoint(tmp_path, 4, trainer.model, trainer.state_dict(), keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_3"]
+    monkeypatch.undo()
+    state, info = checkpoint.load_checkpoint(tmp_path / "step_3", trainer.model)
+    assert info["step"] == 3 and "optimizer" in state
+
+
+def test_full_weights_checkpoint_round_trip(tokenizer, tmp_path):
+    trainer, _ = make(tokenizer, lora=False)
+    trainer.update(RECORDS)
+    checkpoint.save_checkpoint(tmp_path, 1, trainer.model, trainer.state_dict())
+    assert (tmp_path / "step_1" / "model.safetensors").is_file()
+    other = tiny_llama(len(tokenizer), seed=5)
+    checkpoint.load_checkpoint(tmp_path / "step_1", other)
+    for (n, a), b in zip(trainer.model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), n
