@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from picorl.faults import fault_point
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -73,15 +75,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, info: dict | None = None,
-                    keep_last: int | None = None) -> Path:
-    """Write root/step_N atomically and prune older checkpoints beyond keep_last."""
+                    keep_last: int | None = None, files: dict[str, str] | None = None) -> Path:
+    """Write root/step_N atomically and prune older checkpoints beyond keep_last.
+
+    `files` maps extra file names to text written inside the checkpoint (e.g. the metric history).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", suffix=".tmp", dir=root))
     try:
         save_model_weights(model, tmp)
+        fault_point("checkpoint", step)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "state.json").write_text(json.dumps({"step": step, **(info or {})}, indent=2, default=str))
         _fsync_tree(tmp)
         if final.exists():  # a retry rewriting the same step: the new copy replaces it whole

@@ -1,5 +1,8 @@
 """The `picorl` command: gen, eval, train.
 
+`train` hands over to the Prefect flow in flows/train.py; the library itself never imports
+prefect or mlflow.
+
 Errors the user can fix (a bad value, a missing file) print one line naming it and exit 2;
 nothing is half-written.
 """
@@ -51,6 +54,43 @@ def cmd_eval(args) -> None:
     print(json.dumps(summary))
 
 
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML run config (defaults apply to keys it leaves out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set grpo.lr=1e-5 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="MLflow parent run id of a run to continue")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
+
+
+def dry_run(args) -> int:
+    from picorl.config import load_config
+    from picorl.plan import describe_plan
+
+    print(describe_plan(load_config(args.config, args.set)))
+    return 0
+
+
+def cmd_train(args) -> None:
+    from picorl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.dry_run:
+        dry_run(args)
+        return
+    del cfg
+    try:
+        from flows.train import train
+    except ImportError as e:
+        raise UsageError(f"`picorl train` runs the Prefect flow and needs prefect and mlflow installed: {e}") from None
+    try:
+        train(config_path=args.config, overrides=args.set, resume=args.resume)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picorl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="run the training pipeline (Prefect flow, MLflow tracking)")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Prefect flows: train (the pipeline) and evaluate."""

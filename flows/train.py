@@ -1,0 +1,91 @@
+"""The training pipeline as a Prefect flow. It reads like the diagram:
+
+    data -> SFT -> eval@0 -> for each stage: [GRPO chunk -> (eval)]* -> report
+
+    python -m flows.train --config configs/smoke.yaml      (or: picorl train --config ...)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, runtime
+
+from picorl import pipeline
+from picorl.config import ConfigError, load_config
+from picorl.plan import chunks
+from tasks import pipeline_tasks as t
+from tasks import tracking
+
+
+def open_run(cfg, resume: str | None) -> dict:
+    """The MLflow parent run and run folder: new, or those of the run being resumed."""
+    c = tracking.client()
+    flow_run_id = str(runtime.flow_run.id or "local")
+    if resume:
+        try:
+            parent = c.get_run(resume)
+        except Exception:
+            raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking.tracking_uri()}") from None
+        run_dir = parent.data.tags.get("picorl.run_dir")
+        if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
+        c.update_run(resume, status="RUNNING")
+        tracking.set_tags(c, resume, {"prefect.flow_run_id": flow_run_id})
+        return {"run_dir": run_dir, "parent_run_id": resume}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir).resolve() / f"{cfg.run.name}-{stamp}-{flow_run_id[:8]}"
+    pipeline.prepare_run_dir(cfg, run_dir)
+    exp = tracking.experiment_id(c, cfg.run.experiment)
+    parent = c.create_run(exp, run_name=cfg.run.name, tags={
+        "prefect.flow_run_id": flow_run_id, "picorl.run_dir": str(run_dir), "picorl.parent": "true"})
+    tracking.log_config(c, parent.info.run_id, cfg)
+    c.log_artifact(parent.info.run_id, str(run_dir / "config.yaml"))
+    return {"run_dir": str(run_dir), "parent_run_id": parent.info.run_id}
+
+
+@flow(name="picorl-train")
+def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+    cfg = load_config(config_path, overrides)  # validated before any task runs
+    run = open_run(cfg, resume)
+    cfg = t.run_config(run)  # a resumed run keeps the config it started with
+    opts = dict(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s)
+    try:
+        t.build_data.with_options(**opts)(run)
+        t.sft.with_options(**opts)(run)
+        evals = [t.evaluate.with_options(**opts)(run, 0)]
+        for chunk in chunks(cfg):
+            t.grpo_chunk.with_options(**opts)(run, asdict(chunk))
+            if chunk.eval_after:
+                evals.append(t.evaluate.with_options(**opts)(run, chunk.end))
+        out = t.write_report.with_options(**opts)(run)
+    except BaseException:
+        tracking.finish(tracking.client(), run["parent_run_id"], "FAILED")
+        raise
+    tracking.finish(tracking.client(), run["parent_run_id"], "FINISHED")
+    print(f"report: {out['report']}")
+    print(f"MLflow: {tracking.ui_command()}  (run {run['parent_run_id']})")
+    return {**run, **out, "evals": evals}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from picorl.cli import add_train_args, dry_run
+    p = argparse.ArgumentParser(prog="python -m flows.train")
+    add_train_args(p)
+    args = p.parse_args(argv)
+    try:
+        if args.dry_run:
+            return dry_run(args)
+        train(config_path=args.config, overrides=args.set, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

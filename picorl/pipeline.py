@@ -1,0 +1,278 @@
+"""The pipeline's steps as plain functions over a run folder; the Prefect tasks call these.
+
+A run folder holds everything a run needs to continue after a crash:
+    config.yaml                  the resolved config
+    data/                        train_dN/ and eval_dN/ datasets, manifest.json, sample.jsonl
+    checkpoints/step_N/          adapter + trainer state + state.json + history.jsonl
+    evals/step_N.json            per-difficulty summaries and per-item completions
+
+Every step is idempotent: it starts from the latest checkpoint and returns at once when
+that checkpoint already covers it, so a retry or a resume continues where work stopped.
+`history.jsonl` inside each checkpoint lists every metric row up to that checkpoint; the
+tracking layer logs the rows it has not logged yet, so each step is logged exactly once.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from picorl import checkpoint, data
+from picorl.config import Config, dump_yaml
+from picorl.curriculum import Curriculum
+from picorl.evaluate import evaluate_sets
+from picorl.faults import fault_point
+from picorl.plan import Chunk, train_difficulties
+from picorl.sft import train_sft
+
+MAX_SKIPS_IN_A_ROW = 5
+
+
+class NumericalError(RuntimeError):
+    """Too many non-finite updates in a row; the run stopped at a checkpoint."""
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def ckpt_root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def prepare_run_dir(cfg: Config, run_dir) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    return run_dir
+
+
+def read_history(run_dir) -> list[dict]:
+    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    if latest is None or not (latest / "history.jsonl").is_file():
+        return []
+    return [json.loads(x) for x in (latest / "history.jsonl").read_text().splitlines() if x.strip()]
+
+
+def eval_rows(run_dir) -> list[dict]:
+    """Eval metric rows from evals/step_N.json, oldest first."""
+    rows = []
+    for p in sorted((Path(run_dir) / "evals").glob("step_*.json"), key=lambda p: int(p.stem[5:])):
+        rows.append(eval_row(json.loads(p.read_text())))
+    return rows
+
+
+def eval_row(result: dict) -> dict:
+    m = {}
+    for d, s in result["by_difficulty"].items():
+        m[f"eval/acc_d{d}"], m[f"eval/partial_d{d}"], m[f"eval/format_d{d}"] = s["exact"], s["partial"], s["formatted"]
+    return {"kind": "eval", "step": result["step"], "stage": result.get("stage"), "metrics": m}
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_data(cfg: Config, run_dir) -> dict:
+    """Train sets for every difficulty a run can reach, held-out eval sets, a manifest and a sample."""
+    out = Path(run_dir) / "data"
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        return json.loads(manifest_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"seed": cfg.data.seed, "eval_seed": data.EVAL_SEED, "train": {}, "eval": {}}
+    sample = []
+    for d in train_difficulties(cfg):
+        recs = data.train_records(d, cfg.data.train_size, seed=cfg.data.seed)
+        data.save_dataset(recs, out / f"train_d{d}")
+        manifest["train"][str(d)] = {"path": f"train_d{d}", "n": len(recs)}
+        sample += recs[:2]
+    for d in cfg.eval.difficulties:
+        recs = data.eval_records(d, cfg.data.eval_size)
+        data.save_dataset(recs, out / f"eval_d{d}")
+        manifest["eval"][str(d)] = {"path": f"eval_d{d}", "n": len(recs)}
+    data.write_jsonl(sample, out / "sample.jsonl")
+    data.atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the data complete
+    return manifest
+
+
+def load_split(run_dir, split: str, difficulty: int) -> list[dict]:
+    return data.load_records(Path(run_dir) / "data" / f"{split}_d{difficulty}")
+
+
+# ---------------------------------------------------------------- the process-wide model cache
+
+
+class Session:
+    """The loaded model, tokenizer, engine and trainer, shared by consecutive tasks.
+
+    `loaded` names the checkpoint the in-memory weights equal; anything else (a failure
+    mid-update, a different checkpoint) makes the next step reload from disk.
+    """
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.model = self.tokenizer = self.engine = self.trainer = None
+        self.loaded: str | None = None
+        self.pristine = False  # base weights + a fresh adapter, untouched
+        self._records: dict = {}
+
+    def fresh(self) -> None:
+        """Base weights and a new adapter (a retried SFT must not continue a half-trained one)."""
+        if self.pristine:
+            return
+        from picorl.models import load_for_config
+        from picorl.rollout import make_engine
+
+        cfg, r = self.cfg, self.cfg.rollout
+        self.model, self.tokenizer = load_for_config(cfg)
+        self.engine = make_engine(r.engine, self.model, self.tokenizer, batch_size=r.batch_size,
+                                  gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+                                  lora_rank=cfg.model.lora.rank)
+        self.trainer, self.loaded, self.pristine = None, None, True
+
+    def records(self, run_dir, split, d):
+        key = (str(run_dir), split, d)
+        if key not in self._records:
+            self._records[key] = load_split(run_dir, split, d)
+        return self._records[key]
+
+    def get_trainer(self):
+        from picorl.trainer import GRPOTrainer
+        if self.trainer is None:
+            self.trainer = GRPOTrainer(self.model, self.tokenizer, self.engine, self.cfg)
+        return self.trainer
+
+    def restore(self, ckpt: Path) -> tuple[dict, dict]:
+        """Make memory equal checkpoint `ckpt` (every trained weight, optimizer, RNG)."""
+        if self.model is None:
+            self.fresh()
+        state, info = checkpoint.load_checkpoint(ckpt, self.model)
+        if "optimizer" in state:
+            self.get_trainer().load_state_dict(state)
+        self.engine.sync_weights(self.model)
+        self.loaded, self.pristine = str(ckpt), False
+        return state, info
+
+
+_SESSIONS: dict[str, Session] = {}
+
+
+def session_for(cfg: Config) -> Session:
+    key = dump_yaml(cfg)  # one session per resolved config: the model, adapter and engine all follow from it
+    if key not in _SESSIONS:
+        _SESSIONS.clear()  # one model in memory at a time
+        _SESSIONS[key] = Session(cfg)
+    return _SESSIONS[key]
+
+
+def clear_sessions() -> None:
+    _SESSIONS.clear()
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) -> Path:
+    trainer = sess.get_trainer()
+    path = checkpoint.save_checkpoint(ckpt_root(run_dir), step, sess.model, trainer.state_dict(), info=info,
+                                      keep_last=sess.cfg.run.keep_checkpoints, files={
+                                          "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
+    sess.loaded = str(path)
+    return path
+
+
+def run_sft(cfg: Config, run_dir, progress: bool = True) -> dict:
+    """SFT warmup from the base model; writes checkpoint step_0 (also when SFT is off)."""
+    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    if latest is not None:
+        return {"skipped": True, "checkpoint": str(latest)}
+    sess = session_for(cfg)
+    sess.fresh()
+    sess.pristine = False  # training starts: a retry after a failure must reload
+    history = []
+    if cfg.sft.enabled and cfg.sft.steps > 0:
+        records = [r for d in cfg.sft.difficulties for r in sess.records(run_dir, "train", d)]
+        torch.manual_seed(cfg.run.seed)
+        losses = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps,
+                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, seed=cfg.run.seed, progress=progress,
+                           on_step=lambda s, _: fault_point("sft", s))
+        history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": {"sft/loss": l}}
+                   for i, l in enumerate(losses)]
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    path = _save(sess, run_dir, 0, {"phase": "sft", "stage": -1, "curriculum": None}, history)
+    return {"skipped": False, "checkpoint": str(path), "sft_steps": len(history),
+            "loss_first": history[0]["metrics"]["sft/loss"] if history else None,
+            "loss_last": history[-1]["metrics"]["sft/loss"] if history else None}
+
+
+# ---------------------------------------------------------------- GRPO chunks
+
+
+def run_chunk(cfg: Config, run_dir, chunk: Chunk, progress: bool = True) -> dict:
+    """Run updates chunk.start..chunk.end from the latest checkpoint and write a checkpoint."""
+    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    if latest is None:
+        raise RuntimeError(f"no checkpoint under {ckpt_root(run_dir)}: run the SFT step first")
+    info = json.loads((latest / "state.json").read_text())
+    if info["step"] >= chunk.end:
+        return {"skipped": True, "step": info["step"], "checkpoint": str(latest)}
+    if info["step"] < chunk.start:
+        raise RuntimeError(f"chunk {chunk.start}-{chunk.end} needs checkpoint step_{chunk.start}, "
+                           f"latest is step_{info['step']}")
+    sess = session_for(cfg)
+    if sess.loaded != str(latest):
+        sess.restore(latest)
+    history = read_history(run_dir)
+    trainer = sess.get_trainer()
+    trainer.step = info["step"]
+    stage = cfg.stages[chunk.stage]
+    curriculum = Curriculum.for_stage(stage)
+    if info.get("stage") == chunk.stage and info.get("curriculum"):
+        curriculum.load_state_dict(info["curriculum"])
+    sess.loaded = None  # memory diverges from the checkpoint from here on
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(chunk.end - trainer.step), desc=f"grpo {chunk.start}->{chunk.end}", unit="update",
+                  disable=not progress):
+        d = curriculum.difficulty
+        m = trainer.update(sess.records(run_dir, "train", d))
+        row = {k: v for k, v in m.items() if isinstance(v, float) or isinstance(v, int)}
+        row["difficulty"] = d
+        history.append({"kind": "train", "step": trainer.step, "stage": chunk.stage,
+                        "metrics": {f"train/{k}": float(v) for k, v in row.items()}})
+        curriculum.observe(m["task_correct"])
+        fault_point("update", trainer.step)
+        if trainer.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            _save(sess, run_dir, trainer.step, {"phase": "grpo", "stage": chunk.stage,
+                                                "curriculum": curriculum.state_dict()}, history)
+            raise NumericalError(f"{trainer.skipped_in_a_row} updates in a row had a non-finite loss or "
+                                 f"gradient norm (last at update {trainer.step}); stopped with a checkpoint")
+    path = _save(sess, run_dir, trainer.step, {"phase": "grpo", "stage": chunk.stage,
+                                               "curriculum": curriculum.state_dict()}, history)
+    return {"skipped": False, "step": trainer.step, "checkpoint": str(path), "difficulty": curriculum.difficulty}
+
+
+# ---------------------------------------------------------------- evals
+
+
+def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
+    """Greedy eval of checkpoint step_N on the held-out sets; writes evals/step_N.json."""
+    out = Path(run_dir) / "evals" / f"step_{step}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    ckpt = ckpt_root(run_dir) / f"step_{step}"
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint {ckpt} to evaluate (pruned? raise run.keep_checkpoints)")
+    fault_point("eval", step)
+    sess = session_for(cfg)
+    if sess.loaded != str(ckpt):
+        sess.restore(ckpt)
+    info = json.loads((ckpt / "state.json").read_text())
+    sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
+    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
+                                batch_size=cfg.eval.batch_size, progress=progress)
+    result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
+              "items": items}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write_text(out, json.dumps(result))
+    return result

@@ -1,0 +1,139 @@
+"""The training report: markdown tables and a curves PNG, generated from a run's records.
+
+Inputs are the metric rows the pipeline keeps (`history.jsonl` rows and eval rows), so the
+report of a finished run can be rebuilt at any time from its folder alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from picorl.config import Config
+
+CURVES = [("train/reward_mean", "reward (mean)"), ("train/frac_correct", "fraction correct"),
+          (None, "greedy eval accuracy"), ("train/loss", "loss"), ("train/grad_norm", "grad norm"),
+          ("train/completion_len", "completion length (tokens)")]
+
+
+def _series(rows, kind, key):
+    return [(r["step"], r["metrics"][key]) for r in rows if r["kind"] == kind and key in r["metrics"]]
+
+
+def _pct(x):
+    return f"{100 * x:.1f}%"
+
+
+def observations(evals: list[dict]) -> list[str]:
+    """Peak, final and plateau per eval difficulty, computed from the eval rows."""
+    out = []
+    keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")}, key=lambda k: int(k[10:]))
+    for key in keys:
+        pts = [(r["step"], r["metrics"][key]) for r in evals if key in r["metrics"]]
+        if not pts:
+            continue
+        peak_step, peak = max(pts, key=lambda p: (p[1], -p[0]))
+        final_step, final = pts[-1]
+        line = f"d{key[10:]}: {_pct(pts[0][1])} after SFT, peak {_pct(peak)} at update {peak_step}, " \
+               f"final {_pct(final)} at update {final_step}"
+        tail = [v for _, v in pts[-3:]]
+        if len(pts) >= 4 and max(tail) - min(tail) <= 0.05 and final < 1.0:
+            line += f"; plateau over the last {len(tail)} evals ({_pct(min(tail))}-{_pct(max(tail))})"
+        elif final < peak - 0.05:
+            line += f"; {_pct(peak - final)} below its peak at the end"
+        out.append(line)
+    return out
+
+
+def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title: str | None = None,
+                  curves_name: str = "curves.png", extra: str = "") -> str:
+    g, m = cfg.grpo, cfg.model
+    lines = [f"# {title or cfg.run.name}: training report", "", "## Config", "",
+             "| setting | value |", "|---|---|",
+             f"| model | {m.name} |",
+             f"| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
+             f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}, lr {g.lr}) |",
+             f"| reward | {cfg.reward.kind}" + (f" + format bonus {cfg.reward.format_bonus}" if cfg.reward.format_bonus else "") + " |",
+             f"| rollouts | {cfg.rollout.engine}, temperature {cfg.rollout.temperature}, max_tokens {cfg.rollout.max_tokens} |",
+             f"| SFT | " + (f"{cfg.sft.style}, {cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}" if cfg.sft.enabled else "off") + " |",
+             f"| stages | " + ", ".join(
+                 f"d{s.difficulty} x {s.updates}" + (f" (promote at {s.promote_at})" if s.promote_at is not None else "")
+                 for s in cfg.stages) + " |",
+             f"| evals | every {cfg.eval.every} updates, greedy, d{cfg.eval.difficulties} x {cfg.eval.size} |", ""]
+
+    sft = _series(history, "sft", "sft/loss")
+    first_eval = evals[0] if evals else None
+    train = [r for r in history if r["kind"] == "train"]
+    lines += ["## SFT warmup", "", "| loss first -> last | post-SFT format compliance | post-SFT mean reward |",
+              "|---|---|---|"]
+    fmt = [v for k, v in (first_eval or {}).get("metrics", {}).items() if k.startswith("eval/format_d")]
+    lines.append(f"| {sft[0][1]:.3f} -> {sft[-1][1]:.3f} | " if sft else "| (no SFT) | ")
+    lines[-1] += (f"{_pct(sum(fmt) / len(fmt))} |" if fmt else "- |") + \
+        (f" {train[0]['metrics']['train/reward_mean']:.3f} (update 1) |" if train else " - |")
+    lines.append("")
+
+    if train:
+        lines += ["## Reward trajectory", "", "| update | difficulty | reward mean | fraction correct | zero-var groups | completion len |",
+                  "|---|---|---|---|---|---|"]
+        stride = max(1, len(train) // 12)
+        picked = train[::stride] + ([train[-1]] if (len(train) - 1) % stride else [])
+        for r in picked:
+            mm = r["metrics"]
+            lines.append(f"| {r['step']} | d{int(mm.get('train/difficulty', 0))} | {mm['train/reward_mean']:.3f} | "
+                         f"{mm['train/frac_correct']:.3f} | {mm['train/frac_zero_var_groups']:.2f} | "
+                         f"{mm['train/completion_len']:.0f} |")
+        lines.append("")
+
+    if evals:
+        keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")}, key=lambda k: int(k[10:]))
+        best = {k: max(r["metrics"].get(k, -1) for r in evals) for k in keys}
+        lines += ["## Greedy evals (exact)", "", "| update | " + " | ".join(f"d{k[10:]}" for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for r in evals:
+            cells = []
+            for k in keys:
+                v = r["metrics"].get(k)
+                cell = "-" if v is None else _pct(v)
+                cells.append(f"**{cell}**" if v is not None and v == best[k] else cell)
+            lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+        lines += ["", "## Observations", ""] + [f"- {o}" for o in observations(evals)] + [""]
+    if extra:
+        lines += [extra, ""]
+    lines += [f"![curves]({curves_name})", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        if key is None:
+            keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")},
+                          key=lambda k: int(k[10:]))
+            for k in keys:
+                pts = _series(evals, "eval", k)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d{k[10:]}")
+            ax.set_ylim(-0.02, 1.02)
+            if keys:
+                ax.legend()
+        else:
+            pts = _series(history, "train", key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(cfg: Config, history: list[dict], evals: list[dict], out_dir) -> tuple[Path, Path]:
+    from picorl.data import atomic_write_text
+
+    out_dir = Path(out_dir)
+    curves = plot_curves(history, evals, out_dir / "curves.png")
+    report = atomic_write_text(out_dir / "report.md", render_report(cfg, history, evals))
+    return report, curves

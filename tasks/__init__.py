@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, retryable wrappers that call picorl and log to MLflow."""

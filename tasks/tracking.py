@@ -1,0 +1,139 @@
+"""MLflow for picoRL runs: where runs live, parent and child runs, exactly-once metric logging.
+
+Metric rows come from the pipeline's records (checkpoint history and eval files). Each row
+is one step of one kind, logged with one `log_batch`, so one metric per kind tells whether
+the row is already in MLflow. `sync_rows` logs only the rows that are not, which makes
+logging idempotent across retries and resumes: every step lands exactly once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from picorl.config import flatten, to_dict
+from picorl.faults import fault_point
+from picorl.plan import stage_names
+
+DEFAULT_STORE = Path("mlruns")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the classic runs view, not GenAI
+SENTINEL = {"sft": "sft/loss", "train": "train/reward_mean"}
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (e.g. a real `mlflow server`), else a SQLite file under mlruns/."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def ui_command() -> str:
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri}"
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        artifacts = None
+        if c.tracking_uri.startswith("sqlite:"):
+            db = Path(c.tracking_uri.removeprefix("sqlite:///"))
+            artifacts = (db.parent / "artifacts").resolve().as_uri()
+        try:
+            exp_id = c.create_experiment(name, artifact_location=artifacts)
+        except Exception:  # another run created it first
+            exp_id = c.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    c.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    return exp_id
+
+
+def log_config(c: MlflowClient, run_id: str, cfg) -> None:
+    """The flattened resolved config as params (values cut to MLflow's 6000-character limit)."""
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i:i + 100])
+
+
+def stage_run_name(cfg, stage) -> str | None:
+    if stage == "sft" or stage == -1:
+        return "sft"
+    if isinstance(stage, int) and 0 <= stage < len(cfg.stages):
+        return stage_names(cfg)[stage]
+    return None
+
+
+def child_run(c: MlflowClient, parent_id: str, name: str) -> str:
+    """The child run `name` of a parent, created on first use and found again on resume."""
+    parent = c.get_run(parent_id)
+    found = c.search_runs([parent.info.experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`picorl.stage` = '{name}'")
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(parent.info.experiment_id, run_name=name,
+                       tags={"mlflow.parentRunId": parent_id, "picorl.stage": name})
+    return run.info.run_id
+
+
+def _logged_steps(c: MlflowClient, run_id: str, key: str) -> set[int]:
+    return {m.step for m in c.get_metric_history(run_id, key)}
+
+
+def sync_rows(c: MlflowClient, parent_id: str, cfg, rows: list[dict]) -> int:
+    """Log every row not yet in MLflow to the parent run and its stage's child run; return how many."""
+    by_run: dict[str, list[dict]] = defaultdict(list)
+    children: dict[str, str] = {}
+    for r in rows:
+        by_run[parent_id].append(r)
+        name = stage_run_name(cfg, r.get("stage"))
+        if name is not None:
+            if name not in children:
+                children[name] = child_run(c, parent_id, name)
+            by_run[children[name]].append(r)
+    logged = 0
+    now = int(time.time() * 1000)
+    for run_id, rs in by_run.items():
+        by_kind: dict[str, list[dict]] = defaultdict(list)
+        for r in rs:
+            by_kind[r["kind"]].append(r)
+        for kind, krs in by_kind.items():
+            sentinel = SENTINEL.get(kind) or sorted(krs[0]["metrics"])[0]
+            done = _logged_steps(c, run_id, sentinel)
+            for r in krs:
+                if r["step"] in done:
+                    continue
+                fault_point("log", int(r["step"]))
+                c.log_batch(run_id, metrics=[Metric(k, float(v), now, int(r["step"])) for k, v in r["metrics"].items()])
+                done.add(r["step"])
+                logged += 1
+    return logged
+
+
+def has_artifact(c: MlflowClient, run_id: str, path: str) -> bool:
+    folder = str(Path(path).parent) if "/" in path else None
+    return any(a.path == path for a in c.list_artifacts(run_id, folder))
+
+
+def set_tags(c: MlflowClient, run_id: str, tags: dict) -> None:
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def finish(c: MlflowClient, parent_id: str, status: str) -> None:
+    """Close a parent run and its stage runs with `status`."""
+    parent = c.get_run(parent_id)
+    for child in c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
+        c.set_terminated(child.info.run_id, status)
+    c.set_terminated(parent_id, status)
