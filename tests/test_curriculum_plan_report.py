@@ -1,0 +1,117 @@
+import subprocess
+import sys
+
+import pytest
+
+from picorl.config import load_config
+from picorl.curriculum import Curriculum
+from picorl.plan import chunks, describe_plan, eval_steps, stage_names, train_difficulties
+from picorl.report import observations, render_report
+
+
+def test_promotes_when_the_full_window_reaches_the_threshold():
+    c = Curriculum(difficulty=1, promote_at=0.75, demote_below=0.2, window=4, max_difficulty=3)
+    assert c.observe([1, 1, 1]) is None          # window not full yet
+    assert c.observe([0.0]) == 2                 # mean 0.75 reaches 0.75
+    assert c.recent == []                        # a fresh window for the new difficulty
+    c = Curriculum(difficulty=1, promote_at=0.75, window=4)
+    assert c.observe([1, 1, 0.5, 0.25]) is None and c.difficulty == 1  # mean 0.6875
+
+
+def test_promotion_demotion_and_bounds():
+    c = Curriculum(difficulty=2, promote_at=0.8, demote_below=0.2, window=4, max_difficulty=3)
+    assert c.observe([1, 1, 1, 1]) == 3 and c.recent == []
+    assert c.observe([1, 1, 1, 1]) is None and c.difficulty == 3   # capped at max
+    assert c.observe([0, 0, 0, 0]) == 2                              # demote
+    c = Curriculum(difficulty=1, promote_at=0.8, demote_below=0.2, window=2)
+    assert c.observe([0, 0]) is None and c.difficulty == 1          # floor
+
+
+def test_fixed_stage_never_moves_and_state_round_trips():
+    c = Curriculum(difficulty=6, window=2)
+    assert c.observe([1, 1, 1, 1]) is None and c.difficulty == 6 and c.reachable() == [6]
+    d = Curriculum(difficulty=1, promote_at=0.5, window=3, max_difficulty=4)
+    assert d.reachable() == [1, 2, 3, 4]
+    d.observe([1, 0])
+    e = Curriculum(difficulty=1, promote_at=0.5, window=3, max_difficulty=4)
+    e.load_state_dict(d.state_dict())
+    assert e.observe([1]) == d.observe([1]) == 2
+
+
+def test_chunks_split_at_evals_stages_and_chunk_size():
+    cfg = load_config(None, ["run.chunk_updates=4", "eval.every=5",
+                             "stages=[{difficulty: 1, updates: 7}, {difficulty: 3, updates: 6}]"])
+    got = [(c.stage, c.start, c.end, c.eval_after) for c in chunks(cfg)]
+    assert got == [(0, 0, 4, False), (0, 4, 5, True), (0, 5, 7, True),
+                   (1, 7, 10, True), (1, 10, 13, True)]
+    assert eval_steps(cfg) == [0, 5, 7, 10, 13]
+    assert stage_names(cfg) == ["grpo-d1", "grpo-d3"]
+
+
+def test_plan_names_repeated_stages_and_reachable_data():
+    cfg = load_config(None, ["stages=[{difficulty: 2, updates: 1}, {difficulty: 2, updates: 1, promote_at: 0.8, max_difficulty: 4}]",
+                             "sft.difficulties=[1]"])
+    assert stage_names(cfg) == ["grpo-d2", "grpo-d2-2"]
+    assert train_difficulties(cfg) == [1, 2, 3, 4]
+    text = describe_plan(cfg)
+    assert "updates    2 in 2 chunks" in text and "promote at 0.8" in text
+
+
+def test_seed_config_plan_matches_the_reference_run():
+    cfg = load_config("configs/seed_qwen3_4b.yaml")
+    text = describe_plan(cfg)
+    assert "Qwen/Qwen3-4B-Instruct-2507 (LoRA r32/a64)" in text
+    assert "200 updates" in text and "8 tasks x k 8" in text
+    assert eval_steps(cfg) == list(range(0, 201, 10))
+    assert "12800 training completions" in text
+
+
+def test_dry_run_prints_plan_without_loading_a_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "picorl.cli", "train", "--config", "configs/seed_qwen3_4b.yaml",
+                        "--dry-run", "--set", "grpo.lr=1e-6"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "stage      grpo-d6: 200 updates" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "picorl.cli", "train", "--config", "configs/seed_qwen3_4b.yaml",
+                          "--dry-run", "--set", "grpo.group_size=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "grpo.group_size=1 must be >= 2" in bad.stderr
+
+
+def test_library_imports_neither_prefect_nor_mlflow():
+    code = ("import importlib, pkgutil, sys, picorl, picorl.envs, picorl.rollout\n"
+            "for m in pkgutil.walk_packages(picorl.__path__, 'picorl.'):\n"
+            "    if m.name != 'picorl.rollout.vllm': importlib.import_module(m.name)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('prefect', 'mlflow')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def _rows():
+    history = [{"kind": "sft", "step": 1, "stage": "sft", "metrics": {"sft/loss": 2.0}},
+               {"kind": "sft", "step": 2, "stage": "sft", "metrics": {"sft/loss": 0.5}}]
+    for s in range(1, 5):
+        history.append({"kind": "train", "step": s, "stage": 0, "metrics": {
+            "train/reward_mean": s / 4, "train/frac_correct": s / 4, "train/frac_zero_var_groups": 0.0,
+            "train/completion_len": 50.0, "train/difficulty": 1.0, "train/loss": 0.1, "train/grad_norm": 1.0}})
+    evals = [{"kind": "eval", "step": s, "stage": 0, "metrics": {"eval/acc_d3": a, "eval/format_d3": 1.0}}
+             for s, a in [(0, 0.5), (2, 0.9), (4, 0.7)]]
+    return history, evals
+
+
+def test_report_tables_bold_best_and_observations(tmp_path):
+    from picorl.report import write_report
+    cfg = load_config(None)
+    history, evals = _rows()
+    md = render_report(cfg, history, evals)
+    assert "| 2.000 -> 0.500 | 100.0% | 0.250 (update 1) |" in md
+    assert "| 2 | **90.0%** |" in md and "| 4 | 70.0% |" in md
+    obs = observations(evals)
+    assert obs == ["d3: 50.0% after SFT, peak 90.0% at update 2, final 70.0% at update 4; 20.0% below its peak at the end"]
+    report, curves = write_report(cfg, history, evals, tmp_path)
+    assert report.read_text() == md and curves.stat().st_size > 10_000
+
+
+def test_plateau_is_called_out():
+    evals = [{"kind": "eval", "step": s, "metrics": {"eval/acc_d6": a}} for s, a in
+             [(0, 0.1), (10, 0.5), (20, 0.55), (30, 0.53), (40, 0.56)]]
+    assert "plateau over the last 3 evals (53.0%-56.0%)" in observations(evals)[0]

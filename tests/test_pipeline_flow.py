@@ -1,0 +1,138 @@
+"""The training flow end to end: Prefect's test harness, an MLflow SQLite store in a temp dir."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, prefect_server):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from picorl import pipeline
+    pipeline.clear_sessions()
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(uri), tmp_path
+
+
+def run_flow(tmp_path, *overrides, resume=None):
+    from flows.train import train
+    return train(config_path=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}", *overrides], resume=resume)
+
+
+def steps(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return {r.data.tags["picorl.stage"]: r for r in
+            client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+def artifacts(client, run_id, path=None):
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out.add(a.path)
+        if a.is_dir:
+            out |= artifacts(client, run_id, a.path)
+    return out
+
+
+def test_smoke_flow_logs_everything_once(store):
+    client, tmp = store
+    out = run_flow(tmp)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["grpo.lr"] == "0.001" and parent.data.params["stages.1.difficulty"] == "3"
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    pid = parent.info.run_id
+    assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/frac_zero_var_groups",
+                "train/reward_std_in_group", "train/completion_len", "train/rollout_tokens_per_s",
+                "train/update_s", "train/difficulty", "train/frac_correct"):
+        assert steps(client, pid, key) == [1, 2, 3, 4], key
+    assert steps(client, pid, "sft/loss") == [1, 2, 3]
+    for d in (3, 5, 6):
+        for k in ("acc", "partial", "format"):
+            assert steps(client, pid, f"eval/{k}_d{d}") == [0, 2, 4]
+    kids = children(client, pid)
+    assert set(kids) == {"sft", "grpo-d1", "grpo-d3"}
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    assert steps(client, kids["grpo-d1"].info.run_id, "train/reward_mean") == [1, 2]
+    assert steps(client, kids["grpo-d3"].info.run_id, "train/reward_mean") == [3, 4]
+    assert steps(client, kids["sft"].info.run_id, "sft/loss") == [1, 2, 3]
+    arts = artifacts(client, pid)
+    for a in ("config.yaml", "data/manifest.json", "data/sample.jsonl", "report.md", "curves.png",
+              "eval/step_0.json", "eval/step_4.json", "checkpoints/step_4/adapter/adapter_model.safetensors",
+              "checkpoints/step_0/state.json"):
+        assert a in arts, a
+    report = Path(out["report"]).read_text()
+    assert "## Greedy evals" in report and "| 4 |" in report
+
+
+def test_failed_task_is_retried_and_logs_each_step_once(store, monkeypatch):
+    client, tmp = store
+    # Fails once after update 3 (before its checkpoint), then once while logging update 2's rows.
+    monkeypatch.setenv("PICORL_FAULT", "update:3")
+    monkeypatch.setenv("PICORL_FAULT_MARKER", str(tmp / "fired"))
+    out = run_flow(tmp, "run.retries=2")
+    assert (tmp / "fired").exists()
+    pid = out["parent_run_id"]
+    assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
+    assert steps(client, children(client, pid)["grpo-d3"].info.run_id, "train/loss") == [3, 4]
+
+
+def test_failure_while_logging_is_retried_without_doubles(store, monkeypatch):
+    client, tmp = store
+    monkeypatch.setenv("PICORL_FAULT", "log:2")
+    monkeypatch.setenv("PICORL_FAULT_MARKER", str(tmp / "fired"))
+    out = run_flow(tmp, "run.retries=1")
+    assert (tmp / "fired").exists()
+    pid = out["parent_run_id"]
+    assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
+    assert steps(client, pid, "train/update_s") == [1, 2, 3, 4]
+
+
+def test_stopped_run_resumes_where_it_stopped(store, monkeypatch):
+    client, tmp = store
+    from picorl.faults import FaultInjected
+    monkeypatch.setenv("PICORL_FAULT", "update:3")
+    with pytest.raises(FaultInjected):
+        run_flow(tmp, "run.retries=0")
+    exp = client.get_experiment_by_name("picorl")
+    (failed,) = client.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")
+    assert failed.info.status == "FAILED"
+    pid = failed.info.run_id
+    assert steps(client, pid, "train/reward_mean") == [1, 2]
+    monkeypatch.delenv("PICORL_FAULT")
+    out = run_flow(tmp, resume=pid)
+    assert out["parent_run_id"] == pid
+    assert client.get_run(pid).info.status == "FINISHED"
+    assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
+    assert steps(client, pid, "sft/loss") == [1, 2, 3]
+    assert steps(client, pid, "eval/acc_d3") == [0, 2, 4]
+    assert len(client.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")) == 1
+
+
+@pytest.mark.parametrize("override,msg", [("grpo.lr=-1", "grpo.lr=-1"), ("grpo.lrr=1", "did you mean 'grpo.lr'")])
+def test_bad_config_fails_before_any_task(store, override, msg):
+    client, tmp = store
+    from picorl.config import ConfigError
+    with pytest.raises(ConfigError, match=msg):
+        run_flow(tmp, override)
+    assert not (tmp / "out").exists()
+    assert client.get_experiment_by_name("picorl") is None
