@@ -56,16 +56,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     return centred.view(-1), zero_var
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for every position, 0 where completion_mask is 0.
+def token_logprobs(model, input_ids, attention_mask, completion_mask):
+    """Log-probs of the completion tokens of a left-padded batch: returns (logp, mask), (batch, K).
 
-    Shapes: all (batch, seq); position t holds the log-prob of input_ids[:, t].
+    Left padding puts every completion at the right edge, so only the last K positions (K =
+    longest completion) need logits: the prompt's logits over the whole vocabulary would be
+    most of the memory and time, and no loss term uses them.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    # log_softmax over the whole vocab at once is the memory peak; gather right after.
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    logp = torch.nn.functional.pad(logp, (1, 0))
-    return logp * completion_mask
+    k = max(int(completion_mask.sum(1).max().item()), 1)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads must not shift positions
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=k + 1).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
+    mask = completion_mask[:, -k:]
+    return logp * mask, mask
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int | None = None):

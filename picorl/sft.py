@@ -72,21 +72,29 @@ def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pad a batch (training needs no generation alignment)."""
+    """Left-pad a batch, so that every target ends at the right edge (see sft_loss)."""
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        off = width - len(x)
+        ids[i, off:], labels[i, off:], attn[i, off:] = torch.tensor(x), torch.tensor(y), 1
     return ids, attn, labels
 
 
 def sft_loss(model, ids, attn, labels) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens of the batch."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    """Mean next-token cross-entropy over the assistant tokens of a left-padded batch.
+
+    Targets sit in the last K positions, so only those get logits: the prompt's logits over
+    the whole vocabulary would cost most of the step and feed no loss term.
+    """
+    k = max(int((labels != -100).sum(1).max().item()), 1)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                   logits_to_keep=k + 1).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+                                             labels[:, -k:].reshape(-1), ignore_index=-100)
 
 
 def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, batch_size: int,

@@ -34,12 +34,14 @@ def letter_reward(kind: str, format_bonus: float) -> RewardFn:
 
 
 def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device):
+    """Left-pad token ids, attention mask and completion mask, so completions end aligned."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     cmask = torch.zeros((len(seqs), width), dtype=torch.float)
     for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)], attn[i, :len(s)], cmask[i, :len(m)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
+        off = width - len(s)
+        ids[i, off:], attn[i, off:], cmask[i, off:] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
     return ids.to(device), attn.to(device), cmask.to(device)
 
 
@@ -169,22 +171,22 @@ class GRPOTrainer:
                     part = idx[s:s + mb]
                     ids, attn, cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
                                               self.tokenizer.pad_token_id, self.device)
-                    lp = token_logprobs(self.model, ids, attn, cm)
+                    lp, m = token_logprobs(self.model, ids, attn, cm)
                     for j, i in enumerate(part):
-                        old[i] = lp[j, :len(seqs[i])]
+                        old[i] = lp[j][m[j].bool()]
         loss_sum = kl_sum = clip_sum = 0.0
         n_mb = 0
         self.model.train()
         for _ in range(g.epochs):
             for s in range(0, len(idx), mb):
                 part = idx[s:s + mb]
-                ids, attn, cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
-                                          self.tokenizer.pad_token_id, self.device)
-                logp = token_logprobs(self.model, ids, attn, cm)
+                ids, attn, full_cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
+                                               self.tokenizer.pad_token_id, self.device)
+                logp, cm = token_logprobs(self.model, ids, attn, full_cm)
                 if old:
                     old_lp = torch.zeros_like(logp)
                     for j, i in enumerate(part):
-                        old_lp[j, :len(seqs[i])] = old[i]
+                        old_lp[j][cm[j].bool()] = old[i]
                 else:
                     old_lp = logp.detach()
                 weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / len(seqs)
@@ -193,7 +195,7 @@ class GRPOTrainer:
                                       agg=agg, max_len=max_len, return_metrics=True)
                 total = loss
                 if g.kl_coef > 0:
-                    kl = kl_penalty(logp, self._ref_logprobs(ids, attn, cm), cm, agg, max_len)
+                    kl = kl_penalty(logp, self._ref_logprobs(ids, attn, full_cm), cm, agg, max_len)
                     total = total + g.kl_coef * kl
                     kl_sum += kl.item() * weight
                 (total * weight / g.epochs).backward()
@@ -206,10 +208,10 @@ class GRPOTrainer:
     @torch.no_grad()
     def _ref_logprobs(self, ids, attn, cm):
         if self.ref_model is not None:
-            return token_logprobs(self.ref_model, ids, attn, cm)
+            return token_logprobs(self.ref_model, ids, attn, cm)[0]
         ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         with ctx:
-            return token_logprobs(self.model, ids, attn, cm)
+            return token_logprobs(self.model, ids, attn, cm)[0]
 
     # ------------------------------------------------------------ state for checkpoints
 

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag  # noqa: F401  (Param re-exported for flows)
 from mlflow.tracking import MlflowClient
 
 from picorl.config import flatten, to_dict

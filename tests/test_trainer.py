@@ -160,3 +160,19 @@ def test_full_weights_checkpoint_round_trip(tokenizer, tmp_path):
     checkpoint.load_checkpoint(tmp_path / "step_1", other)
     for (n, a), b in zip(trainer.model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_token_logprobs_of_a_padded_batch_match_each_sequence_alone(tokenizer):
+    from picorl.grpo import token_logprobs
+    from picorl.trainer import pad_batch
+    model = tiny_llama(len(tokenizer), initializer_range=0.3).eval()
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    masks = [[0, 0, 0, 1, 1, 1], [0, 1, 1], [0, 0, 0, 1]]
+    ids, attn, cm = pad_batch(seqs, masks, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, m = token_logprobs(model, ids, attn, cm)
+        assert m.shape == (3, 3)
+        for j, (s, mk) in enumerate(zip(seqs, masks)):
+            full = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1].float(), -1)
+            want = [full[t - 1, s[t]].item() for t in range(len(s)) if mk[t]]
+            assert lp[j][m[j].bool()].tolist() == pytest.approx(want, abs=1e-5)
