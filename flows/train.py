@@ -64,8 +64,9 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
         tracking.finish(tracking.client(), run["parent_run_id"], "FAILED")
         raise
     tracking.finish(tracking.client(), run["parent_run_id"], "FINISHED")
+    c = tracking.client()
     print(f"report: {out['report']}")
-    print(f"MLflow: {tracking.ui_command()}  (run {run['parent_run_id']})")
+    print(f"MLflow: {tracking.ui_hint(c.get_run(run['parent_run_id']).info.experiment_id, run['parent_run_id'])}")
     return {**run, **out, "evals": evals}
 
 

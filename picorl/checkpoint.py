@@ -82,6 +82,9 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, inf
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    # A run folder has one writer: hidden leftovers are from a write that was killed.
+    for stale in root.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", suffix=".tmp", dir=root))
     try:

@@ -91,6 +91,19 @@ def cmd_train(args) -> None:
         raise UsageError(str(e)) from None
 
 
+def config_table() -> str:
+    """Every config knob as a markdown table (the README's reference section)."""
+    from picorl.config import describe
+
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{v}` | {h} |" for k, v, h in describe()]
+    return "\n".join(rows)
+
+
+def cmd_config(args) -> None:
+    print(config_table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picorl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the training pipeline (Prefect flow, MLflow tracking)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print every config key with its default and help, as markdown")
+    c.set_defaults(func=cmd_config)
     return p
 
 

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 def knob(default, help: str, **kw):
-    """A config field with its one-line help string (shown by `picorl train --help-config`)."""
+    """A config field with its one-line help string (listed by `picorl config`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
@@ -345,7 +345,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every knob, for `picorl train --help-config` and the README."""
+    """(key, default, help) for every knob, for `picorl config` and the README."""
     rows = []
     defaults = cls()
     for f in dataclasses.fields(cls):

@@ -5,7 +5,7 @@ Armed by environment variables, so a test can arm a subprocess it is about to ki
     PICORL_FAULT="checkpoint:4:kill" SIGKILL this process while checkpoint step_4 is being written
     PICORL_FAULT_MARKER=/tmp/fired   fire only once: the marker file is created when it fires,
                                      and an existing marker disarms the fault (so a retry succeeds)
-Points: sft (after SFT step N), update (after update N), checkpoint (mid-write of step_N),
+Points: sft (after SFT step N), rollout (after the rollouts of update N), update (after update N), checkpoint (mid-write of step_N),
 eval (before eval at step N), log (before logging rows of step N).
 Unarmed, `fault_point` is one dictionary lookup.
 """

@@ -19,6 +19,7 @@ import torch
 
 from picorl.data import messages_of
 from picorl.envs.letter_counting import grade, score
+from picorl.faults import fault_point
 from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, token_logprobs
 from picorl.rollout import Completion, Sampling
 
@@ -84,6 +85,7 @@ class GRPOTrainer:
         tasks = [rng.choice(records) for _ in range(g.tasks_per_update)]
         t0 = time.perf_counter()
         groups, scored = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
+        fault_point("rollout", self.step + 1)
         stats = {"rollout_groups": len(groups)}
         all_rewards = [s for grp in scored for s in grp]
         if self.algo["dynamic_sampling"]:

@@ -37,11 +37,14 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def ui_command() -> str:
+def ui_hint(experiment_id: str, run_id: str) -> str:
+    """The command that serves the UI (on 127.0.0.1) and the page of this run's metric charts."""
     uri = tracking_uri()
+    page = f"#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning"
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri}"
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+                f"  then open http://127.0.0.1:5000/{page}")
+    return f"open {uri.rstrip('/')}/{page}"
 
 
 def experiment_id(c: MlflowClient, name: str) -> str:

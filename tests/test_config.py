@@ -67,3 +67,9 @@ def test_flatten_names_stage_keys():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+def test_readme_lists_every_config_key_with_its_default():
+    from picorl.cli import config_table
+    readme = (ROOT / "README.md").read_text()
+    assert config_table() in readme, "README's config reference is stale: paste `picorl config` into it"

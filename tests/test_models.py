@@ -91,3 +91,17 @@ def test_concurrent_conversion_leaves_one_whole_model(tmp_path):
     leftovers = [p.name for p in (tmp_path / "models").iterdir()]
     assert leftovers == [models.EMBEDDED]
     assert (tmp_path / "models" / models.EMBEDDED / "model.safetensors").is_file()
+
+
+def test_seed_config_lora_targets_fit_a_tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from picorl.config import load_config
+    cfg = load_config("configs/seed_qwen3_4b.yaml")
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    lora = cfg.model.lora
+    peft_model = models.add_lora(qwen, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+    wrapped = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert wrapped == set(lora.target_modules) and (lora.rank, lora.alpha) == (32, 64)
+    assert peft_model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)

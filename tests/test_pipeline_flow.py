@@ -83,6 +83,14 @@ def test_smoke_flow_logs_everything_once(store):
     report = Path(out["report"]).read_text()
     assert "## Greedy evals" in report and "| 4 |" in report
 
+    # The evaluate flow picks the run's latest checkpoint and logs a run of its own.
+    from flows.evaluate import evaluate_flow
+    res = evaluate_flow(run_id=pid, difficulties=[1, 3], size=3, max_tokens=8)
+    ev = client.get_run(res["run_id"])
+    assert ev.data.tags["picorl.eval_of"] == pid and ev.data.params["adapter"].endswith("step_4/adapter")
+    assert set(res["by_difficulty"]) == {"1", "3"} and res["by_difficulty"]["3"]["n"] == 3
+    assert steps(client, res["run_id"], "eval/acc_d3") == [0]
+
 
 def test_failed_task_is_retried_and_logs_each_step_once(store, monkeypatch):
     client, tmp = store

@@ -1,0 +1,68 @@
+"""prefect.yaml for real: a local Prefect server, a process work pool, `prefect deploy`, a
+triggered on-demand run with the smoke config, and a worker that runs it into MLflow."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PICORL_CACHE": os.environ.get(
+               "PICORL_CACHE", str(Path.home() / ".cache" / "picorl"))}
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(1)
+
+        def prefect(*args):
+            r = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            return r.stdout
+
+        prefect("work-pool", "create", "picorl-process", "--type", "process")
+        prefect("--no-prompt", "deploy", "--all")
+        listed = prefect("deployment", "ls")
+        assert "nightly-curriculum" in listed and "on-demand" in listed
+        out = tmp_path / "out"
+        prefect("deployment", "run", "picorl-train/on-demand", "-p", f"config_path={ROOT / 'configs' / 'smoke.yaml'}",
+                "-p", "overrides=" + json.dumps([f"run.output_dir={out}", "run.name=deployed"]))
+        prefect("worker", "start", "--pool", "picorl-process", "--run-once")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("picorl")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "deployed"
+    assert run.data.tags["prefect.flow_run_id"] != "local"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/reward_mean")) == [1, 2, 3, 4]
+    assert list(out.glob("deployed-*/report.md"))
