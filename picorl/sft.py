@@ -124,5 +124,6 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
         losses.append(loss.item())
         if on_step is not None:
             on_step(step + 1, losses[-1])
+    optimizer.zero_grad(set_to_none=True)  # leave no gradients behind for whatever trains next
     model.eval()
     return losses

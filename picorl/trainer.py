@@ -136,6 +136,9 @@ class GRPOTrainer:
         adv, _ = group_advantages(rewards, g.group_size, scale=self.algo["scale"])
         seqs = [c.prompt_ids + c.token_ids for grp in groups for c in grp]
         masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for grp in groups for c in grp]
+        # Gradients accumulate across micro-batches, so they must start from nothing: stale
+        # ones (from SFT, or an update interrupted mid-backward) would leak into this step.
+        self.optimizer.zero_grad(set_to_none=True)
         loss_val, kl_val, clip = self._optimise(seqs, masks, adv)
         t_opt = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, g.max_grad_norm).item()

@@ -5,6 +5,7 @@ resumes it with `--resume RUN_ID`, and checks through MlflowClient that every st
 logged exactly once, contiguous, and that the final adapter equals an uninterrupted run's.
 """
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,21 @@ def train(tmp_path, *extra, fault=None):
     env.pop("PICORL_FAULT", None)
     if fault:
         env["PICORL_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "flows.train", "--config", SMOKE,
-                           "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Its own process group, output to a file: a SIGKILLed flow leaves its ephemeral Prefect
+    # server orphaned, and that server would hold a pipe open (and the test) forever.
+    log = tmp_path / f"train-{len(list(tmp_path.glob('train-*.log')))}.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, "-m", "flows.train", "--config", SMOKE,
+                              "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0", *extra],
+                             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            p.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(p.args, p.returncode, "", log.read_text())
 
 
 def client(tmp_path):

@@ -48,8 +48,9 @@ def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
 
         prefect("work-pool", "create", "picorl-process", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
-        listed = prefect("deployment", "ls")
-        assert "nightly-curriculum" in listed and "on-demand" in listed
+        nightly = prefect("deployment", "inspect", "picorl-train/nightly-curriculum")
+        assert "0 2 * * *" in nightly and "configs/default.yaml" in nightly
+        prefect("deployment", "inspect", "picorl-train/on-demand")
         out = tmp_path / "out"
         prefect("deployment", "run", "picorl-train/on-demand", "-p", f"config_path={ROOT / 'configs' / 'smoke.yaml'}",
                 "-p", "overrides=" + json.dumps([f"run.output_dir={out}", "run.name=deployed"]))

@@ -176,3 +176,14 @@ def test_token_logprobs_of_a_padded_batch_match_each_sequence_alone(tokenizer):
             full = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1].float(), -1)
             want = [full[t - 1, s[t]].item() for t in range(len(s)) if mk[t]]
             assert lp[j][m[j].bool()].tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_stale_gradients_never_leak_into_an_update(tokenizer):
+    trainer, _ = make(tokenizer)
+    for p in trainer.params:  # e.g. left over from SFT's last backward
+        p.grad = torch.ones_like(p)
+    trainer.reward_fn = lambda c, r: (0.0, False)  # every group zero-variance: no policy gradient
+    before = [p.detach().clone() for p in trainer.params]
+    m = trainer.update(RECORDS)
+    assert m["grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
