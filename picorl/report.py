@@ -120,6 +120,13 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
         else:
             pts = _series(history, "train", key)
             ax.plot([p[0] for p in pts], [p[1] for p in pts])
+            # Mark curriculum moves: a reward drop right after one is the harder tier, not a regression.
+            diffs = _series(history, "train", "train/difficulty")
+            for (_, a), (step, b) in zip(diffs, diffs[1:]):
+                if a != b:
+                    ax.axvline(step, color="grey", linestyle="--", alpha=0.6)
+                    ax.annotate(f"d{int(b)}", (step, 1), xycoords=("data", "axes fraction"),
+                                xytext=(3, -12), textcoords="offset points", color="grey")
         ax.set_title(title)
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
