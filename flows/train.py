@@ -61,7 +61,10 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
                 evals.append(t.evaluate.with_options(**opts)(run, chunk.end))
         out = t.write_report.with_options(**opts)(run)
     except BaseException:
-        tracking.finish(tracking.client(), run["parent_run_id"], "FAILED")
+        try:
+            tracking.finish(tracking.client(), run["parent_run_id"], "FAILED")
+        except Exception as e:  # e.g. MLflow itself is down: the original error matters more
+            print(f"could not mark MLflow run {run['parent_run_id']} FAILED: {e}")
         raise
     tracking.finish(tracking.client(), run["parent_run_id"], "FINISHED")
     c = tracking.client()

@@ -62,6 +62,7 @@ class GRPOTrainer:
         self.reward_fn = reward_fn or letter_reward(cfg.reward.kind, cfg.reward.format_bonus)
         self.step = 0  # global update number: updates done so far
         self.skipped_in_a_row = 0
+        self.skipped_total = 0
         self.device = next(model.parameters()).device
         # With LoRA the reference policy is the same model with the adapter off; full
         # fine-tuning needs a frozen copy, made only when a KL term asks for it.
@@ -155,7 +156,9 @@ class GRPOTrainer:
         self.scheduler.step()
         self.step += 1
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.skipped_total += int(skipped)
         metrics.update(loss=loss, kl=kl, grad_norm=grad_norm, skipped=float(skipped),
+                       skipped_updates=float(self.skipped_total),
                        lr=self.optimizer.param_groups[0]["lr"], update_s=time.perf_counter() - t_start)
         if skipped:
             metrics["skip_reason"] = reason
@@ -221,11 +224,12 @@ class GRPOTrainer:
     # ------------------------------------------------------------ state for checkpoints
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_in_a_row": self.skipped_in_a_row,
+        return {"step": self.step, "skipped_in_a_row": self.skipped_in_a_row, "skipped_total": self.skipped_total,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

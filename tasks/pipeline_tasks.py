@@ -1,47 +1,92 @@
-"""The training pipeline's Prefect tasks. Each one: call picorl, then log what it produced.
+"""The training pipeline's Prefect tasks. Each one: call picorl, then deliver to MLflow.
 
 Tasks take and return paths and small dicts (never models): `run` is
 {"run_dir": ..., "parent_run_id": ...}, and the resolved config is read from the run folder.
 The model stays loaded between tasks in picorl's process-wide session cache.
+
+The run folder is the record; MLflow gets a copy. `deliver` logs whatever the folder holds
+that MLflow lacks (metric rows, eval tables, checkpoints, data manifest), so when the
+tracking server is unreachable training goes on and the gap is delivered on its return.
+Only an outage longer than `run.tracking_outage_s` fails a task (and its retry resumes).
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import requests
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from picorl import pipeline, report
+from picorl import checkpoint, pipeline, report
 from picorl.config import load_config
 from picorl.plan import Chunk
 from tasks import tracking
+
+TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException, ConnectionError, TimeoutError)
+_OUTAGE_SINCE: dict[str, float] = {}  # parent run id -> when delivery first failed
+
+
+class TrackingOutage(RuntimeError):
+    """MLflow stayed unreachable for longer than run.tracking_outage_s."""
 
 
 def run_config(run: dict):
     return load_config(Path(run["run_dir"]) / "config.yaml")
 
 
-def _sync(run: dict, cfg, rows: list[dict]) -> int:
-    return tracking.sync_rows(tracking.client(), run["parent_run_id"], cfg, rows)
-
-
-def _log_checkpoint(run: dict, ckpt: str) -> None:
+def _deliver_once(run: dict, cfg) -> None:
     c = tracking.client()
-    name = Path(ckpt).name
-    if not tracking.has_artifact(c, run["parent_run_id"], f"checkpoints/{name}"):
-        c.log_artifacts(run["parent_run_id"], ckpt, f"checkpoints/{name}")
+    parent, run_dir = run["parent_run_id"], Path(run["run_dir"])
+    for name in ("manifest.json", "sample.jsonl"):
+        f = run_dir / "data" / name
+        if f.is_file() and not tracking.has_artifact(c, parent, f"data/{name}"):
+            c.log_artifact(parent, str(f), "data")
+    tracking.sync_rows(c, parent, cfg, pipeline.read_history(run_dir) + pipeline.eval_rows(run_dir))
+    for f in sorted((run_dir / "evals").glob("step_*.json")):
+        table = f"eval/{f.name}"
+        if not tracking.has_artifact(c, parent, table):
+            items = json.loads(f.read_text())["items"]
+            cols = ["difficulty", "string", "letters", "answer", "completion", "exact", "partial", "formatted"]
+            c.log_table(parent, data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list)) else i.get(k)
+                                          for i in items] for k in cols}, artifact_file=table)
+    for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        if not tracking.has_artifact(c, parent, f"checkpoints/{ckpt.name}"):
+            c.log_artifacts(parent, str(ckpt), f"checkpoints/{ckpt.name}")
+
+
+def deliver(run: dict, cfg, *, wait: bool = False) -> bool:
+    """Bring MLflow up to date with the run folder. Tolerates an outage up to the configured limit.
+
+    wait=True (the last task) keeps trying until delivery succeeds or the limit is reached.
+    """
+    limit = cfg.run.tracking_outage_s
+    while True:
+        try:
+            _deliver_once(run, cfg)
+            _OUTAGE_SINCE.pop(run["parent_run_id"], None)
+            return True
+        except TRACKING_ERRORS as e:
+            since = _OUTAGE_SINCE.setdefault(run["parent_run_id"], time.time())
+            down = time.time() - since
+            if down > limit:
+                _OUTAGE_SINCE.pop(run["parent_run_id"], None)
+                raise TrackingOutage(f"MLflow at {tracking.tracking_uri()} unreachable for {down:.0f} s "
+                                     f"(run.tracking_outage_s={limit:g}); the run folder keeps everything: "
+                                     f"{run['run_dir']}") from e
+            print(f"MLflow unreachable for {down:.0f} s, training goes on; will deliver later ({type(e).__name__})")
+            if not wait:
+                return False
+            time.sleep(min(5.0, max(limit - down, 0.1)))
 
 
 @task(name="build-data", cache_policy=NO_CACHE)
 def build_data(run: dict) -> dict:
     cfg = run_config(run)
     manifest = pipeline.build_data(cfg, run["run_dir"])
-    c = tracking.client()
-    data_dir = Path(run["run_dir"]) / "data"
-    for name in ("manifest.json", "sample.jsonl"):
-        if not tracking.has_artifact(c, run["parent_run_id"], f"data/{name}"):
-            c.log_artifact(run["parent_run_id"], str(data_dir / name), "data")
+    deliver(run, cfg)
     return manifest
 
 
@@ -49,8 +94,7 @@ def build_data(run: dict) -> dict:
 def sft(run: dict) -> dict:
     cfg = run_config(run)
     out = pipeline.run_sft(cfg, run["run_dir"])
-    _sync(run, cfg, pipeline.read_history(run["run_dir"]))
-    _log_checkpoint(run, out["checkpoint"])
+    deliver(run, cfg)
     return out
 
 
@@ -60,9 +104,8 @@ def grpo_chunk(run: dict, chunk: dict) -> dict:
     try:
         out = pipeline.run_chunk(cfg, run["run_dir"], Chunk(**chunk))
     finally:
-        # Whatever reached a checkpoint (also the one written before a numerical stop) is logged.
-        _sync(run, cfg, pipeline.read_history(run["run_dir"]))
-    _log_checkpoint(run, out["checkpoint"])
+        # Whatever reached a checkpoint (also the one written before a numerical stop) is delivered.
+        deliver(run, cfg)
     return out
 
 
@@ -70,14 +113,7 @@ def grpo_chunk(run: dict, chunk: dict) -> dict:
 def evaluate(run: dict, step: int) -> dict:
     cfg = run_config(run)
     result = pipeline.run_eval(cfg, run["run_dir"], step)
-    _sync(run, cfg, [pipeline.eval_row(result)])
-    c = tracking.client()
-    table = f"eval/step_{step}.json"
-    if not tracking.has_artifact(c, run["parent_run_id"], table):
-        cols = ["difficulty", "string", "letters", "answer", "completion", "exact", "partial", "formatted"]
-        c.log_table(run["parent_run_id"], data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list))
-                                                   else i.get(k) for i in result["items"]] for k in cols},
-                    artifact_file=table)
+    deliver(run, cfg)
     return {"step": step, **{f"d{d}": s["exact"] for d, s in result["by_difficulty"].items()}}
 
 
@@ -87,6 +123,7 @@ def write_report(run: dict) -> dict:
     history = pipeline.read_history(run["run_dir"])
     evals = pipeline.eval_rows(run["run_dir"])
     md, png = report.write_report(cfg, history, evals, run["run_dir"])
+    deliver(run, cfg, wait=True)  # the run is not done until MLflow has all of it
     c = tracking.client()
     c.log_artifact(run["parent_run_id"], str(md))
     c.log_artifact(run["parent_run_id"], str(png))

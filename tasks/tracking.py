@@ -7,6 +7,7 @@ logging idempotent across retries and resumes: every step lands exactly once.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from picorl.faults import fault_point
 from picorl.plan import stage_names
 
 DEFAULT_STORE = Path("mlruns")
+_READY: set[str] = set()  # SQLite stores this process has seen initialised
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the classic runs view, not GenAI
 SENTINEL = {"sft": "sft/loss", "train": "train/reward_mean"}
 
@@ -34,7 +36,23 @@ def tracking_uri() -> str:
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    # MLflow's HTTP client retries a dead server for minutes per call by default; picoRL keeps
+    # its own record and delivers later (tasks.pipeline_tasks.deliver), so fail fast instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    # Two runs starting at once would both create and migrate a new SQLite store and break
+    # each other's schema; whoever comes first does it under a file lock, the other waits.
+    db = Path(uri.removeprefix("sqlite:///"))
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    _READY.add(uri)
+    return c
 
 
 def ui_hint(experiment_id: str, run_id: str) -> str:

@@ -94,7 +94,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(tokenizer):
     m = trainer.update(RECORDS)
     assert m["skipped"] == 1.0 and "non-finite" in m["skip_reason"]
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
-    assert trainer.step == 1 and trainer.skipped_in_a_row == 1
+    assert trainer.step == 1 and trainer.skipped_in_a_row == 1 and m["skipped_updates"] == 1.0
 
 
 def test_dynamic_sampling_drops_zero_variance_groups(tokenizer):
