@@ -125,9 +125,13 @@ class Session:
 
         cfg, r = self.cfg, self.cfg.rollout
         self.model, self.tokenizer = load_for_config(cfg)
-        self.engine = make_engine(r.engine, self.model, self.tokenizer, batch_size=r.batch_size,
-                                  gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
-                                  lora_rank=cfg.model.lora.rank)
+        options = dict(batch_size=r.batch_size)
+        if r.engine == "vllm":
+            from picorl.models import resolve_model
+            options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
+                           max_model_len=r.max_model_len, lora_rank=cfg.model.lora.rank, dtype=cfg.model.dtype,
+                           seed=cfg.run.seed)
+        self.engine = make_engine(r.engine, self.model, self.tokenizer, **options)
         self.trainer, self.loaded, self.pristine = None, None, True
 
     def records(self, run_dir, split, d):
@@ -198,6 +202,7 @@ def run_sft(cfg: Config, run_dir, progress: bool = True) -> dict:
                            on_step=lambda s, _: fault_point("sft", s))
         history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": {"sft/loss": l}}
                    for i, l in enumerate(losses)]
+        sess.engine.sync_weights(sess.model)  # an engine with its own weights (vLLM) gets the SFT adapter
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     path = _save(sess, run_dir, 0, {"phase": "sft", "stage": -1, "curriculum": None}, history)

@@ -148,6 +148,10 @@ class GRPOTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics["optimizer_s"] = time.perf_counter() - t_opt
+        t_sync = time.perf_counter()
+        if finite:
+            self.engine.sync_weights(self.model)  # the next rollouts sample from the updated policy
+        metrics["sync_s"] = time.perf_counter() - t_sync
         metrics["clip_frac"] = clip
         return self._finish(metrics, t_start, loss=loss_val, kl=kl_val, grad_norm=grad_norm,
                             skipped=not finite, reason="non-finite loss or grad norm")
