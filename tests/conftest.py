@@ -1,5 +1,7 @@
 import os
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,15 @@ def tiny_model(tokenizer):
     """A 2-layer random Llama with the embedded tokenizer, built in memory."""
     from picorl.models import tiny_llama
     return tiny_llama(len(tokenizer)).eval()
+
+
+def wait_http(url: str, log: Path, timeout_s: float = 120) -> None:
+    """Wait until a server we started answers `url`; on timeout, fail with the tail of its log."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.time() < deadline, Path(log).read_text()[-2000:]
+            time.sleep(0.5)

@@ -5,11 +5,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -32,14 +31,7 @@ def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-                time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/api/health", tmp_path / "server.log")
 
         def prefect(*args):
             r = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

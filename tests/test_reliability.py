@@ -4,11 +4,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -30,14 +29,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.tmp / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=open(self.tmp / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert time.time() < deadline, (self.tmp / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
+        wait_http(f"{self.uri}/health", self.tmp / "server.log")
 
     def stop(self):
         os.killpg(self.proc.pid, signal.SIGTERM)

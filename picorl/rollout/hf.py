@@ -47,7 +47,6 @@ class HFEngine:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        texts: list[Completion] = []
         bar = tqdm(total=len(flat), desc="rollout", unit="seq", leave=False, disable=not self.progress)
         # Long prompts first would waste less padding, but order must map back; sort then restore.
         order = sorted(range(len(flat)), key=lambda j: len(flat[j]))
@@ -81,5 +80,5 @@ class HFEngine:
             bar.update(len(idx))
         bar.close()
         model.train(was_training)
-        texts = [results[j] for j in range(len(flat))]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        ordered = [results[j] for j in range(len(flat))]
+        return [ordered[i * n:(i + 1) * n] for i in range(len(prompts))]
