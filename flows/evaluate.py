@@ -53,14 +53,11 @@ def evaluate_flow(model: str = models.EMBEDDED, adapter: str | None = None, run_
     run = c.create_run(tracking.experiment_id(c, experiment), run_name=f"eval-{Path(adapter).parent.name if adapter else model}",
                        tags={"picorl.eval_of": run_id or adapter or model, "picorl.model": model})
     rid = run.info.run_id
-    c.log_batch(rid, params=[tracking.Param("model", model), tracking.Param("adapter", str(adapter)),
-                             tracking.Param("size", str(size)), tracking.Param("seed", str(seed))])
+    tracking.log_params(c, rid, {"model": model, "adapter": adapter, "size": size, "seed": seed})
     from picorl.pipeline import eval_row
     tracking.sync_rows(c, rid, None, [{**eval_row({"step": step or 0, "by_difficulty": result["by_difficulty"]}),
                                        "stage": None}])
-    c.log_table(rid, data={k: [str(i.get(k)) for i in result["items"]]
-                           for k in ("difficulty", "string", "letters", "answer", "completion", "exact")},
-                artifact_file="eval/items.json")
+    tracking.log_eval_table(c, rid, result["items"], "eval/items.json")
     c.set_terminated(rid, "FINISHED")
     summary = {d: s["exact"] for d, s in result["by_difficulty"].items()}
     print(f"exact by difficulty: {summary}  (MLflow run {rid})")

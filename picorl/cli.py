@@ -74,13 +74,12 @@ def cmd_train(args) -> None:
     from picorl.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
+        load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if args.dry_run:
         dry_run(args)
         return
-    del cfg
     try:
         from flows.train import train
     except ImportError as e:

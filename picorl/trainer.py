@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from picorl.data import messages_of
-from picorl.envs.letter_counting import grade, score
+from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
 from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, token_logprobs
 from picorl.rollout import Completion, Sampling
@@ -27,11 +27,16 @@ RewardFn = Callable[[Completion, dict], tuple[float, bool]]
 
 
 def letter_reward(kind: str, format_bonus: float) -> RewardFn:
-    """(reward, fully correct) of a completion on a letter-counting record."""
+    """(reward, fully correct) of a completion on a letter-counting record, parsed once."""
     def reward(c: Completion, r: dict) -> tuple[float, bool]:
-        return (score(c.text, r["letters"], r["answer"], kind=kind, format_bonus=format_bonus),
-                grade(c.text, r["letters"], r["answer"])["exact"] == 1.0)
+        parsed = parse_answer(c.text, r["letters"])
+        return (reward_of(parsed, r["answer"], kind=kind, format_bonus=format_bonus),
+                fraction_right(parsed, r["answer"]) == 1.0)
     return reward
+
+
+def _tokens(groups) -> int:
+    return sum(len(c.token_ids) for grp in groups for c in grp)
 
 
 def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device):
@@ -87,7 +92,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         groups, scored = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
         fault_point("rollout", self.step + 1)
-        stats = {"rollout_groups": len(groups)}
+        stats = {"rollout_groups": len(groups), "rollout_tokens": _tokens(groups)}
         all_rewards = [s for grp in scored for s in grp]
         if self.algo["dynamic_sampling"]:
             keep = lambda s: len({x[0] for x in s}) > 1  # noqa: E731
@@ -98,6 +103,7 @@ class GRPOTrainer:
                 more = [rng.choice(records) for _ in range(g.tasks_per_update - len(kept))]
                 mg, ms = self._rollout(more, seed=cfg.run.seed * 1_000_003 + self.step + (round_ + 1) * 7919)
                 stats["rollout_groups"] += len(mg)
+                stats["rollout_tokens"] += _tokens(mg)
                 all_rewards += [s for grp in ms for s in grp]
                 kept += [(t, gr, s) for t, gr, s in zip(more, mg, ms) if keep(s)]
             kept = kept[:g.tasks_per_update]
@@ -111,8 +117,7 @@ class GRPOTrainer:
         """One policy update on tasks drawn from `records`; returns its metrics."""
         g = self.cfg.grpo
         t_start = time.perf_counter()
-        tasks, groups, scored, all_rewards, rollout_s, stats = self.collect(records)
-        n_tokens = sum(len(c.token_ids) for grp in groups for c in grp)
+        _, groups, scored, all_rewards, rollout_s, stats = self.collect(records)
         first_round = all_rewards[:g.tasks_per_update * g.group_size]
         rewards_first = torch.tensor([r for r, _ in first_round], dtype=torch.float)
         _, zero_var_first = group_advantages(rewards_first, g.group_size, scale="none")
@@ -122,8 +127,8 @@ class GRPOTrainer:
             "frac_correct": sum(c for _, c in first_round) / len(first_round),
             "reward_std_in_group": rewards_first.view(-1, g.group_size).std(dim=1).mean().item(),
             "frac_zero_var_groups": zero_var_first.float().mean().item(),
-            "completion_len": n_tokens / max(1, sum(len(grp) for grp in groups)),
-            "rollout_tokens_per_s": n_tokens / max(rollout_s, 1e-9),
+            "completion_len": _tokens(groups) / max(1, sum(len(grp) for grp in groups)),
+            "rollout_tokens_per_s": stats["rollout_tokens"] / max(rollout_s, 1e-9),
             "rollout_s": rollout_s,
             **stats,
         }

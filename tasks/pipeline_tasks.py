@@ -48,10 +48,7 @@ def _deliver_once(run: dict, cfg) -> None:
     for f in sorted((run_dir / "evals").glob("step_*.json")):
         table = f"eval/{f.name}"
         if not tracking.has_artifact(c, parent, table):
-            items = json.loads(f.read_text())["items"]
-            cols = ["difficulty", "string", "letters", "answer", "completion", "exact", "partial", "formatted"]
-            c.log_table(parent, data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list)) else i.get(k)
-                                          for i in items] for k in cols}, artifact_file=table)
+            tracking.log_eval_table(c, parent, json.loads(f.read_text())["items"], table)
     for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
         if not tracking.has_artifact(c, parent, f"checkpoints/{ckpt.name}"):
             c.log_artifacts(parent, str(ckpt), f"checkpoints/{ckpt.name}")

@@ -8,12 +8,13 @@ logging idempotent across retries and resumes: every step lands exactly once.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: F401  (Param re-exported for flows)
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from picorl.config import flatten, to_dict
@@ -82,11 +83,25 @@ def experiment_id(c: MlflowClient, name: str) -> str:
     return exp_id
 
 
+def log_params(c: MlflowClient, run_id: str, params: dict) -> None:
+    """Params in batches of 100 (values cut to MLflow's 6000-character limit)."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
 def log_config(c: MlflowClient, run_id: str, cfg) -> None:
-    """The flattened resolved config as params (values cut to MLflow's 6000-character limit)."""
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
-    for i in range(0, len(params), 100):
-        c.log_batch(run_id, params=params[i:i + 100])
+    """The flattened resolved config as params."""
+    log_params(c, run_id, flatten(to_dict(cfg)))
+
+
+EVAL_COLUMNS = ("difficulty", "string", "letters", "answer", "completion", "exact", "partial", "formatted")
+
+
+def log_eval_table(c: MlflowClient, run_id: str, items: list[dict], artifact_file: str) -> None:
+    """Per-item eval completions as an MLflow table (lists and dicts as JSON text)."""
+    c.log_table(run_id, data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list)) else i.get(k)
+                                  for i in items] for k in EVAL_COLUMNS}, artifact_file=artifact_file)
 
 
 def stage_run_name(cfg, stage) -> str | None:

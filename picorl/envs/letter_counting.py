@@ -180,26 +180,30 @@ def fraction_right(parsed: Parsed, answer: dict) -> float:
     return sum(parsed.counts[c] == n for c, n in answer.items()) / len(answer)
 
 
-def score(completion: str, letters: list[str], answer: dict, *, kind: str = "binary",
-          format_bonus: float = 0.0) -> float:
-    """Reward of one completion.
+def reward_of(parsed: Parsed, answer: dict, *, kind: str = "binary", format_bonus: float = 0.0) -> float:
+    """Reward of a parsed answer.
 
     partial (the reference system): 0 unformatted; one letter 1.0 right / 0.1 wrong;
             several 0.1 + 0.9 x fraction of letters exactly right.
     binary: 1 when every count is right, else 0.
     format_bonus is added to any formatted answer.
     """
-    parsed = parse_answer(completion, letters)
+    if kind not in ("binary", "partial"):
+        raise ValueError(f"reward kind must be 'binary' or 'partial', got {kind!r}")
     if not parsed.formatted:
         return 0.0
     frac = fraction_right(parsed, answer)
     if kind == "binary":
         reward = float(frac == 1.0)
-    elif kind == "partial":
-        reward = (1.0 if frac == 1.0 else 0.1) if len(letters) == 1 else 0.1 + 0.9 * frac
     else:
-        raise ValueError(f"reward kind must be 'binary' or 'partial', got {kind!r}")
+        reward = (1.0 if frac == 1.0 else 0.1) if len(answer) == 1 else 0.1 + 0.9 * frac
     return reward + format_bonus
+
+
+def score(completion: str, letters: list[str], answer: dict, *, kind: str = "binary",
+          format_bonus: float = 0.0) -> float:
+    """Reward of one completion (see `reward_of`)."""
+    return reward_of(parse_answer(completion, letters), answer, kind=kind, format_bonus=format_bonus)
 
 
 def grade(completion: str, letters: list[str], answer: dict) -> dict:
