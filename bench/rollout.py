@@ -37,6 +37,11 @@ def machine() -> str:
     return platform.machine()
 
 
+def machine_tag(name: str) -> str:
+    """A file-name-safe short form of a machine name."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
 def timed(engine, prompts, sampling, repeats):
     engine.generate(prompts[:2], 1, Sampling(temperature=1.0, max_tokens=8, seed=0))  # warm-up
     best = None
@@ -92,7 +97,7 @@ def main() -> int:
     for name, r in results.items():
         ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
         print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x |")
-    tag = "".join(ch if ch.isalnum() else "_" for ch in out["machine"])[:40]
+    tag = machine_tag(out["machine"])
     path = ROOT / "bench" / "results" / f"rollout-{tag}-{args.prompts}x{args.max_tokens}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))

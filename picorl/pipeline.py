@@ -103,6 +103,20 @@ def load_split(run_dir, split: str, difficulty: int) -> list[dict]:
 # ---------------------------------------------------------------- the process-wide model cache
 
 
+def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True):
+    """The rollout engine a config's `rollout` section names, around an already-loaded model."""
+    from picorl.rollout import make_engine
+
+    r = cfg.rollout
+    options = dict(batch_size=r.batch_size, progress=progress)
+    if r.engine == "vllm":
+        from picorl.models import resolve_model
+        options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
+                       max_model_len=r.max_model_len, lora_rank=cfg.model.lora.rank, dtype=cfg.model.dtype,
+                       seed=cfg.run.seed)
+    return make_engine(r.engine, model, tokenizer, **options)
+
+
 class Session:
     """The loaded model, tokenizer, engine and trainer, shared by consecutive tasks.
 
@@ -121,17 +135,9 @@ class Session:
         if self.pristine:
             return
         from picorl.models import load_for_config
-        from picorl.rollout import make_engine
 
-        cfg, r = self.cfg, self.cfg.rollout
-        self.model, self.tokenizer = load_for_config(cfg)
-        options = dict(batch_size=r.batch_size)
-        if r.engine == "vllm":
-            from picorl.models import resolve_model
-            options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
-                           max_model_len=r.max_model_len, lora_rank=cfg.model.lora.rank, dtype=cfg.model.dtype,
-                           seed=cfg.run.seed)
-        self.engine = make_engine(r.engine, self.model, self.tokenizer, **options)
+        self.model, self.tokenizer = load_for_config(self.cfg)
+        self.engine = engine_for_config(self.cfg, self.model, self.tokenizer)
         self.trainer, self.loaded, self.pristine = None, None, True
 
     def records(self, run_dir, split, d):

@@ -68,6 +68,7 @@ class GRPOTrainer:
         self.step = 0  # global update number: updates done so far
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self._reward_s = 0.0
         self.device = next(model.parameters()).device
         # With LoRA the reference policy is the same model with the adapter off; full
         # fine-tuning needs a frozen copy, made only when a KL term asks for it.
@@ -81,7 +82,9 @@ class GRPOTrainer:
         r = self.cfg.rollout
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
         groups = self.engine.generate([messages_of(x) for x in records], self.cfg.grpo.group_size, sampling)
+        t0 = time.perf_counter()
         scored = [[self.reward_fn(c, rec) for c in grp] for grp, rec in zip(groups, records)]
+        self._reward_s += time.perf_counter() - t0
         return groups, scored
 
     def collect(self, records: list[dict]):
@@ -90,6 +93,7 @@ class GRPOTrainer:
         rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}")
         tasks = [rng.choice(records) for _ in range(g.tasks_per_update)]
         t0 = time.perf_counter()
+        self._reward_s = 0.0
         groups, scored = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
         fault_point("rollout", self.step + 1)
         stats = {"rollout_groups": len(groups), "rollout_tokens": _tokens(groups)}
@@ -108,7 +112,8 @@ class GRPOTrainer:
                 kept += [(t, gr, s) for t, gr, s in zip(more, mg, ms) if keep(s)]
             kept = kept[:g.tasks_per_update]
             tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-        rollout_s = time.perf_counter() - t0
+        stats["reward_s"] = self._reward_s
+        rollout_s = time.perf_counter() - t0 - self._reward_s
         return tasks, groups, scored, all_rewards, rollout_s, stats
 
     # ------------------------------------------------------------ the update
@@ -145,8 +150,10 @@ class GRPOTrainer:
         # Gradients accumulate across micro-batches, so they must start from nothing: stale
         # ones (from SFT, or an update interrupted mid-backward) would leak into this step.
         self.optimizer.zero_grad(set_to_none=True)
+        t_loss = time.perf_counter()
         loss_val, kl_val, clip = self._optimise(seqs, masks, adv)
         t_opt = time.perf_counter()
+        metrics["loss_backward_s"] = t_opt - t_loss
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, g.max_grad_norm).item()
         finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
         if finite:

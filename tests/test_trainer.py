@@ -58,6 +58,10 @@ def test_update_reports_every_metric(tokenizer):
     for key in ("reward_mean", "reward_std", "frac_correct", "reward_std_in_group", "frac_zero_var_groups",
                 "loss", "grad_norm", "kl", "completion_len", "rollout_tokens_per_s", "update_s", "skipped"):
         assert key in m and math.isfinite(m[key]), key
+    # The timing split covers the update: its parts are disjoint and add up to at most the whole.
+    parts = [m[k] for k in ("rollout_s", "reward_s", "loss_backward_s", "optimizer_s", "sync_s")]
+    assert all(p >= 0 for p in parts) and m["loss_backward_s"] > 0
+    assert sum(parts) <= m["update_s"] + 1e-6
     assert len(m["task_correct"]) == 4 and m["skipped"] == 0.0
     assert 1 <= m["completion_len"] <= 3
 

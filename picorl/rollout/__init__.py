@@ -8,7 +8,8 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     """The engine named by `rollout.engine`."""
     if kind == "hf":
         from picorl.rollout.hf import HFEngine
-        return HFEngine(model, tokenizer, batch_size=options.get("batch_size", 64))
+        return HFEngine(model, tokenizer, batch_size=options.get("batch_size", 64),
+                        progress=options.get("progress", True))
     if kind == "vllm":
         try:
             from picorl.rollout.vllm import VLLMEngine
