@@ -2,10 +2,16 @@
 
     python bench/rollout.py                      # CPU default: 64 prompts x 64 new tokens
     python bench/rollout.py --prompts 64 --max-tokens 512 --dtype bfloat16   # GPU shape
+    python bench/rollout.py --engines hf hf-static hf-static-compile         # the HF switches
 
+Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV cache),
+`hf-static-compile` (static cache + torch.compile'd decode step), `vllm`.
 Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
-new tokens counted per engine, the best of --repeats timed calls after one warm-up call.
-Prints a table and writes bench/results/rollout-<machine>.json.
+new tokens counted per engine, the best of --repeats timed calls after one warm-up call
+(the warm-up pays any compile; its seconds are reported as `warmup_s`). Each engine also
+decodes 8 prompts greedily; `same_greedy_as_hf` says whether its token ids equal the
+`hf` engine's, so a speed-up that changes results shows up beside its figure.
+Prints a table and writes bench/results/rollout-<machine>-<prompts>x<tokens>.json.
 """
 from __future__ import annotations
 
@@ -43,16 +49,32 @@ def machine_tag(name: str) -> str:
 
 
 def timed(engine, prompts, sampling, repeats):
-    engine.generate(prompts[:2], 1, Sampling(temperature=1.0, max_tokens=8, seed=0))  # warm-up
-    best = None
+    t0 = time.perf_counter()
+    engine.generate(prompts, 1, Sampling(**{**sampling.__dict__, "seed": 1000}))  # warm-up, same shapes
+    best = {"warmup_s": round(time.perf_counter() - t0, 2)}
     for r in range(repeats):
         t0 = time.perf_counter()
         groups = engine.generate(prompts, 1, Sampling(**{**sampling.__dict__, "seed": r}))
         dt = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for g in groups for c in g)
-        if best is None or tokens / dt > best["tokens_per_s"]:
-            best = {"seconds": round(dt, 2), "new_tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
+        if tokens / dt > best.get("tokens_per_s", 0):
+            best.update(seconds=round(dt, 2), new_tokens=tokens, tokens_per_s=round(tokens / dt, 1))
     return best
+
+
+def greedy_ids(engine, prompts, max_tokens):
+    groups = engine.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=max_tokens))
+    return [g[0].token_ids for g in groups]
+
+
+def make_engine(name, model, tok, args):
+    if name.startswith("hf"):
+        cache = "static" if "static" in name else "dynamic"
+        return HFEngine(model, tok, batch_size=args.prompts, progress=False, cache=cache, compile="compile" in name)
+    from picorl.rollout.vllm import VLLMEngine
+    return VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
+                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
+                      lora_rank=32, progress=False)
 
 
 def main() -> int:
@@ -62,7 +84,8 @@ def main() -> int:
     ap.add_argument("--difficulty", type=int, default=6)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"],
+                    choices=["hf", "hf-static", "hf-static-compile", "vllm"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -71,16 +94,16 @@ def main() -> int:
     model = models.add_lora(model, rank=32, alpha=64)
     prompts = [r["messages"] for r in data.eval_records(args.difficulty, args.prompts)]
     sampling = Sampling(temperature=1.0, max_tokens=args.max_tokens)
-    results = {}
+    results, reference = {}, None
     for name in args.engines:
-        if name == "hf":
-            engine = HFEngine(model, tok, batch_size=args.prompts, progress=False)
-        else:
-            from picorl.rollout.vllm import VLLMEngine
-            engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
-                                gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
-                                lora_rank=32, progress=False)
+        engine = make_engine(name, model, tok, args)
         results[name] = timed(engine, prompts, sampling, args.repeats)
+        ids = greedy_ids(engine, prompts[:8], args.max_tokens)
+        if name == "hf":
+            reference = ids
+        if reference is not None:
+            results[name]["same_greedy_as_hf"] = ids == reference
+        print(name, results[name], flush=True)
         del engine
         gc.collect()
     out = {"machine": machine(), "torch": torch.__version__, "config": {
@@ -92,13 +115,14 @@ def main() -> int:
     except ImportError:
         pass
     print(f"{out['machine']}: {args.prompts} prompts x {args.max_tokens} new tokens, {args.dtype}")
-    print("| engine | new tokens | seconds | tokens/s | vs hf |")
-    print("|---|---|---|---|---|")
+    print("| engine | new tokens | seconds | tokens/s | vs hf | warm-up s | greedy = hf |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
-        print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x |")
+        print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x | "
+              f"{r['warmup_s']} | {r.get('same_greedy_as_hf', '-')} |")
     tag = machine_tag(out["machine"])
-    path = ROOT / "bench" / "results" / f"rollout-{tag}-{args.prompts}x{args.max_tokens}.json"
+    path = ROOT / "bench" / "results" / f"rollout-{tag}-{args.prompts}x{args.max_tokens}-{'_'.join(args.engines)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")

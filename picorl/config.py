@@ -80,6 +80,8 @@ class RolloutConfig:
     top_p: float = knob(1.0, "Nucleus sampling threshold in (0, 1].")
     max_tokens: int = knob(512, "Most new tokens per completion.")
     batch_size: int = knob(64, "Sequences generated per call to the engine (all tasks x k when it fits).")
+    hf_cache: str = knob("dynamic", "hf: KV cache, dynamic (grows per step) or static (preallocated; fixed shapes for compile).")
+    hf_compile: bool = knob(False, "hf: torch.compile the decode step (needs hf_cache static); pays a compile on the first call.")
     gpu_memory_utilization: float = knob(0.3, "vLLM: fraction of GPU memory (of RAM on CPU) it may take, in (0, 1].")
     max_model_len: int = knob(2048, "vLLM: longest prompt + completion in tokens.")
 
@@ -154,6 +156,7 @@ CHOICES = {
     "reward.kind": ("binary", "partial"),
     "sft.style": ("cot", "direct"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.hf_cache": ("dynamic", "static"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
 }
 _pos = (lambda v: v > 0, "> 0")
@@ -337,6 +340,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"stages.{i}.difficulty={s.difficulty!r} is above its max_difficulty={s.max_difficulty!r}")
     if cfg.grpo.algorithm == "ppo" and cfg.grpo.epochs < 2:
         raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
+    if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":
+        raise ConfigError(f"rollout.hf_compile=true needs rollout.hf_cache=static, got {cfg.rollout.hf_cache!r}")
     if cfg.eval.size > cfg.data.eval_size:
         raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
 

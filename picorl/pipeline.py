@@ -23,6 +23,7 @@ from picorl import checkpoint, data
 from picorl.config import Config, dump_yaml
 from picorl.curriculum import Curriculum
 from picorl.evaluate import evaluate_sets
+from picorl.rollout.hf import HFEngine
 from picorl.faults import fault_point
 from picorl.plan import Chunk, train_difficulties
 from picorl.sft import train_sft
@@ -108,7 +109,7 @@ def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True):
     from picorl.rollout import make_engine
 
     r = cfg.rollout
-    options = dict(batch_size=r.batch_size, progress=progress)
+    options = dict(batch_size=r.batch_size, progress=progress, hf_cache=r.hf_cache, hf_compile=r.hf_compile)
     if r.engine == "vllm":
         from picorl.models import resolve_model
         options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
@@ -280,8 +281,11 @@ def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
         sess.restore(ckpt)
     info = json.loads((ckpt / "state.json").read_text())
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
-    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
-                                batch_size=cfg.eval.batch_size, progress=progress)
+    # Evals always decode with transformers (the reference measurement, whatever trains), with
+    # the run's cache and compile switches.
+    engine = HFEngine(sess.model, sess.tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
+                      cache=cfg.rollout.hf_cache, compile=cfg.rollout.hf_compile)
+    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens, engine=engine)
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
               "items": items}
     out.parent.mkdir(parents=True, exist_ok=True)

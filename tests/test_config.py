@@ -47,6 +47,8 @@ def test_yaml_then_overrides(tmp_path):
     ("stages: []\n", [], r"stages: expected a non-empty list"),
     ("stages:\n  - {difficulty: 2, updates: 5, promote: 0.8}\n", [], r"'stages\[0\].promote'; did you mean"),
     ("", ["grpo"], r"must look like key=value"),
+    ("", ["rollout.hf_cache=paged"], r"rollout.hf_cache='paged' is not one of dynamic, static"),
+    ("", ["rollout.hf_compile=true"], r"rollout.hf_compile=true needs rollout.hf_cache=static, got 'dynamic'"),
     ("- 1\n", [], r"expected a mapping"),
 ])
 def test_bad_configs_name_key_and_value(tmp_path, yaml_text, overrides, msg):

@@ -48,3 +48,20 @@ def test_stops_at_eos(tiny_model, tokenizer):
 def test_unknown_engine_is_named(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="'sglang'"):
         make_engine("sglang", tiny_model, tokenizer)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_cache_and_compile_change_no_greedy_result(tiny_model, tokenizer, compile):
+    s = Sampling(temperature=0.0, max_tokens=6)
+    ref = HFEngine(tiny_model, tokenizer, progress=False).generate(prompts(5), 1, s)
+    fast = HFEngine(tiny_model, tokenizer, progress=False, cache="static", compile=compile)
+    for _ in range(2):  # the second call reuses the compiled step
+        out = fast.generate(prompts(5), 1, s)
+        assert [g[0].token_ids for g in out] == [g[0].token_ids for g in ref]
+
+
+def test_hf_speed_switches_are_checked(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="rollout.hf_cache must be one of dynamic, static, got 'paged'"):
+        HFEngine(tiny_model, tokenizer, cache="paged")
+    with pytest.raises(ValueError, match="hf_compile needs rollout.hf_cache=static"):
+        HFEngine(tiny_model, tokenizer, compile=True)

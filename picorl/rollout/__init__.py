@@ -9,7 +9,8 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     if kind == "hf":
         from picorl.rollout.hf import HFEngine
         return HFEngine(model, tokenizer, batch_size=options.get("batch_size", 64),
-                        progress=options.get("progress", True))
+                        progress=options.get("progress", True), cache=options.get("hf_cache", "dynamic"),
+                        compile=options.get("hf_compile", False))
     if kind == "vllm":
         try:
             from picorl.rollout.vllm import VLLMEngine

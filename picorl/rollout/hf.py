@@ -1,8 +1,16 @@
 """Rollouts with transformers' `generate`: the engine that runs anywhere torch runs.
 
 All prompts x n go through `generate` in as few calls as memory allows (`batch_size`
-sequences per call), left-padded so every prompt ends where generation starts. The
-engine shares the trainer's model object, so there is no weight sync to do.
+sequences per call), left-padded so every prompt ends where generation starts, sorted by
+prompt length so a call pads little. `generate` stops a call as soon as every sequence in
+it has emitted a stop token. The engine shares the trainer's model object, so there is no
+weight sync to do.
+
+Two switches trade start-up time for decode speed without changing results:
+`cache="static"` preallocates the KV cache for prompt + max_tokens, so every decode step
+has the same shapes; `compile=True` then runs the decode step through `torch.compile`
+(transformers does this by itself on CUDA with a static cache; `compile=False` turns it
+off there). bench/rollout.py measures them side by side.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from picorl.rollout.base import Completion, Sampling
+
+CACHES = ("dynamic", "static")
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -27,9 +37,27 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True,
+                 cache: str = "dynamic", compile: bool = False):
+        if cache not in CACHES:
+            raise ValueError(f"rollout.hf_cache must be one of {', '.join(CACHES)}, got {cache!r}")
+        if compile and cache != "static":
+            raise ValueError("rollout.hf_compile needs rollout.hf_cache=static (a dynamic cache changes "
+                             "shape every step, so a compiled step would recompile every step)")
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
+        self.cache, self.compile = cache, compile
+
+    def _speed_kwargs(self) -> dict:
+        if self.cache == "dynamic":
+            return {}
+        from transformers import CompileConfig
+
+        if not self.compile:
+            return {"cache_implementation": "static", "disable_compile": True}
+        cc = CompileConfig(fullgraph=False, dynamic=False)
+        cc._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+        return {"cache_implementation": "static", "compile_config": cc}
 
     def sync_weights(self, model) -> None:
         self.model = model  # same object as the trainer's: nothing to copy
@@ -61,7 +89,7 @@ class HFEngine:
                 input_ids[r, width - len(ids):] = torch.tensor(ids)
                 attn[r, width - len(ids):] = 1
             kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_tokens,
-                          eos_token_id=stops, pad_token_id=tok.pad_token_id)
+                          eos_token_id=stops, pad_token_id=tok.pad_token_id, **self._speed_kwargs())
             if not greedy:
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             else:
