@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,23 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine, machine_tag, write_result  # noqa: E402
 from picorl import data, models  # noqa: E402
 from picorl.rollout import Sampling  # noqa: E402
 from picorl.rollout.hf import HFEngine  # noqa: E402
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return platform.machine()
-
-
-def machine_tag(name: str) -> str:
-    """A file-name-safe short form of a machine name."""
-    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
 def timed(engine, prompts, sampling, repeats):
@@ -121,11 +105,7 @@ def main() -> int:
         ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
         print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x | "
               f"{r['warmup_s']} | {r.get('same_greedy_as_hf', '-')} |")
-    tag = machine_tag(out["machine"])
-    path = ROOT / "bench" / "results" / f"rollout-{tag}-{args.prompts}x{args.max_tokens}-{'_'.join(args.engines)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_result(f"rollout-{machine_tag(out['machine'])}-{args.prompts}x{args.max_tokens}-{'_'.join(args.engines)}", out)
     return 0
 
 

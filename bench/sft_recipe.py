@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rollout import machine, machine_tag  # noqa: E402
+from bench.common import machine, machine_tag, write_result  # noqa: E402
 from picorl import data, models  # noqa: E402
 from picorl.evaluate import evaluate_sets  # noqa: E402
 from picorl.sft import train_sft  # noqa: E402
@@ -77,12 +77,9 @@ def main() -> int:
                            for d in args.eval_difficulties)
         print(f"| {style} | {cells} | {r['sft_s']} |")
     stem = f"sft-recipe-{machine_tag(out['machine'])}"
-    path = ROOT / "bench" / "results" / f"{stem}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = write_result(stem, out)
     data.write_jsonl([{"row": s, **i} for s, items in items_out.items() for i in items],
                      path.with_name(f"{stem}-items.jsonl"))
-    print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import resource
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rollout import machine, machine_tag  # noqa: E402
+from bench.common import machine, machine_tag, write_result  # noqa: E402
 from picorl import data, models  # noqa: E402
 from picorl.config import Config, load_config  # noqa: E402
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of  # noqa: E402
@@ -138,11 +137,7 @@ def main() -> int:
           f"mean completion {med['completion_len']:.0f} tokens")
     if args.model != models.EMBEDDED:
         return 0
-    path = ROOT / "bench" / "results" / (
-        f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}", out)
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rollout import machine_tag  # noqa: E402
+from bench.common import machine_tag, write_result  # noqa: E402
 from bench.update import add_shape_args, bench_reward_value, describe, peak_memory_gb, run_picorl, summarise  # noqa: E402
 from picorl import data, models  # noqa: E402
 
@@ -127,10 +127,7 @@ def main() -> int:
     print(f"picoRL is {ratio:.2f}x faster per update than TRL {out['trl_version']}")
     if args.model != models.EMBEDDED:
         return 0  # a smoke run on another model writes no result file
-    path = ROOT / "bench" / "results" / (
-        f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}.json")
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_result(f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}", out)
     return 0
 
 

@@ -49,12 +49,12 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
     lines = [f"# {title or cfg.run.name}: training report", "", "## Config", "",
              "| setting | value |", "|---|---|",
              f"| model | {m.name} |",
-             f"| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
+             "| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
              f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}, lr {g.lr}) |",
              f"| reward | {cfg.reward.kind}" + (f" + format bonus {cfg.reward.format_bonus}" if cfg.reward.format_bonus else "") + " |",
              f"| rollouts | {cfg.rollout.engine}, temperature {cfg.rollout.temperature}, max_tokens {cfg.rollout.max_tokens} |",
-             f"| SFT | " + (f"{cfg.sft.style}, {cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}" if cfg.sft.enabled else "off") + " |",
-             f"| stages | " + ", ".join(
+             "| SFT | " + (f"{cfg.sft.style}, {cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}" if cfg.sft.enabled else "off") + " |",
+             "| stages | " + ", ".join(
                  f"d{s.difficulty} x {s.updates}" + (f" (promote at {s.promote_at})" if s.promote_at is not None else "")
                  for s in cfg.stages) + " |",
              f"| evals | every {cfg.eval.every} updates, greedy, d{cfg.eval.difficulties} x {cfg.eval.size} |", ""]

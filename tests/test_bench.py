@@ -1,6 +1,5 @@
 """The benchmark scripts run end to end (on the tiny model), so their figures stay honest."""
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +46,8 @@ def test_vs_trl_runs_both_trainers_side_by_side():
         assert s_per_update > 0
     assert "faster per update than TRL" in out.stdout
     assert not list((ROOT / "bench" / "results").glob("vs_trl-*2x4x6.json"))  # smoke runs write no result
+
+
+def test_readme_bench_tables_are_built_from_the_result_files():
+    from bench.table import markdown
+    assert markdown() in (ROOT / "README.md").read_text(), "stale: run python bench/table.py --write"

@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from picorl.config import load_config
 from picorl.curriculum import Curriculum

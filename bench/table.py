@@ -1,0 +1,93 @@
+"""The README's benchmark tables, built from the JSON files in bench/results/.
+
+    python bench/table.py            # print the tables
+    python bench/table.py --write    # replace the block between the README's bench markers
+
+Every figure comes from a result file, and a test checks that the README's block equals
+this script's output, so the README cannot drift from what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench tables: python bench/table.py --write -->", "<!-- end of bench tables -->"
+
+
+def _load(prefix: str) -> list[tuple[str, dict]]:
+    return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob(f"{prefix}-*.json"))
+            if not p.name.endswith("-items.json")]
+
+
+def rollout_rows() -> list[str]:
+    rows = []
+    for name, r in _load("rollout"):
+        c = r["config"]
+        base = r["engines"].get("hf", {}).get("tokens_per_s")
+        for engine, e in r["engines"].items():
+            ratio = f"{e['tokens_per_s'] / base:.2f}x" if base else "-"
+            same = {True: "yes", False: "no"}.get(e.get("same_greedy_as_hf"), "-")
+            rows.append(f"| {r['machine']} | {c['prompts']} x {c['max_tokens']}, {c['dtype']} | {engine} | "
+                        f"{e['tokens_per_s']} | {ratio} | {e.get('warmup_s', '-')} | {same} | `{name}` |")
+    return ["| machine | prompts x new tokens | engine | tokens/s | vs hf | warm-up s | greedy = hf | file |",
+            "|---|---|---|---|---|---|---|---|", *rows]
+
+
+def update_rows() -> list[str]:
+    rows = []
+    for name, r in _load("update"):
+        c, m = r["config"], r["picorl"]["median"]
+        parts = " | ".join(f"{m[k]:.2f}" for k in ("rollout_s", "reward_s", "loss_backward_s", "optimizer_s", "sync_s"))
+        rows.append(f"| {r['machine']} | {c['tasks']} x {c['k']} x {c['max_tokens']}, {c['dtype']}, {c['engine']} | "
+                    f"{parts} | **{m['update_s']:.2f}** | {r['picorl']['peak_memory_gb']} | `{name}` |")
+    return ["| machine | tasks x k x new tokens | rollout s | reward s | loss+backward s | optimizer s | sync s "
+            "| update s | peak memory GB | file |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def vs_trl_rows() -> list[str]:
+    rows = []
+    for name, r in _load("vs_trl"):
+        c = r["config"]
+        p, t = r["picorl"], r["trl"]
+        rows.append(f"| {r['machine']} | {c['tasks']} x {c['k']} x {c['max_tokens']}, {c['dtype']} | "
+                    f"{p['median']['update_s']:.2f} | {t['median']['update_s']:.2f} (TRL {r['trl_version']}) | "
+                    f"**{r['speedup_per_update']:.2f}x** | {p['peak_memory_gb']} / {t['peak_memory_gb']} | `{name}` |")
+    return ["| machine | tasks x k x new tokens | picoRL s/update | TRL s/update | picoRL speed-up "
+            "| peak memory GB (picoRL / TRL) | file |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def markdown() -> str:
+    return "\n".join([BEGIN, "", "Rollout throughput (`bench/rollout.py`):", "", *rollout_rows(), "",
+                      "One GRPO update, split (`bench/update.py`, medians after the first update):", "",
+                      *update_rows(), "",
+                      "picoRL beside TRL's GRPOTrainer at the equal configuration (`bench/vs_trl.py`):", "",
+                      *vs_trl_rows(), "", END])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    text = markdown()
+    if not args.write:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if BEGIN not in s or END not in s:
+        print(f"README.md has no bench markers: add {BEGIN!r} and {END!r} lines first", file=sys.stderr)
+        return 1
+    head, rest = s.split(BEGIN, 1)
+    readme.write_text(head + text + rest.split(END, 1)[1])
+    print("README.md bench tables updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
