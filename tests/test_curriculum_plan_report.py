@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-
 from picorl.config import load_config
 from picorl.curriculum import Curriculum
 from picorl.plan import chunks, describe_plan, eval_steps, stage_names, train_difficulties
