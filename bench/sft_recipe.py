@@ -6,7 +6,7 @@
 
 Each style trains a fresh LoRA adapter (r32/alpha64) on the same batches (same seed, same
 tasks) for the same number of steps, then every row is greedy-evaluated on the same
-held-out sets with the one parsing rule. Writes bench/results/sft-recipe-<machine>.json and
+held-out sets with the one parsing rule. Writes bench/results/sft-recipe-<machine>-d<sft difficulties>-<steps>x<batch>.json and
 the per-item completions beside it, so a row can be read, not just trusted.
 """
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main() -> int:
         cells = " | ".join(f"{r['eval'][str(d)]['exact']:.1%} | {r['eval'][str(d)]['formatted']:.1%}"
                            for d in args.eval_difficulties)
         print(f"| {style} | {cells} | {r['sft_s']} |")
-    stem = f"sft-recipe-{machine_tag(out['machine'])}"
+    shape = "".join(map(str, args.sft_difficulties))
+    stem = f"sft-recipe-{machine_tag(out['machine'])}-d{shape}-{args.steps}x{args.batch_size}"
     path = write_result(stem, out)
     data.write_jsonl([{"row": s, **i} for s, items in items_out.items() for i in items],
                      path.with_name(f"{stem}-items.jsonl"))

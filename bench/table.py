@@ -62,12 +62,28 @@ def vs_trl_rows() -> list[str]:
             "|---|---|---|---|---|---|---|", *rows]
 
 
+def sft_rows() -> list[str]:
+    rows = []
+    for name, r in _load("sft-recipe"):
+        c = r["config"]
+        ds = c["eval_difficulties"]
+        for style, row in r["rows"].items():
+            cells = " | ".join(f"{row['eval'][str(d)]['exact']:.1%} ({row['eval'][str(d)]['formatted']:.0%})" for d in ds)
+            sft = "-" if style == "base" else f"{c['steps']} x {c['batch_size']} on d{'/'.join(map(str, c['sft_difficulties']))}"
+            rows.append(f"| {r['machine']} | {style} | {sft} | {', '.join(f'd{d}' for d in ds)}: {cells} | "
+                        f"{c['eval_size']} | `{name}` |")
+    return ["| machine | row | SFT steps x batch | greedy exact (formatted) | items per set | file |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def markdown() -> str:
     return "\n".join([BEGIN, "", "Rollout throughput (`bench/rollout.py`):", "", *rollout_rows(), "",
                       "One GRPO update, split (`bench/update.py`, medians after the first update):", "",
                       *update_rows(), "",
                       "picoRL beside TRL's GRPOTrainer at the equal configuration (`bench/vs_trl.py`):", "",
-                      *vs_trl_rows(), "", END])
+                      *vs_trl_rows(), "",
+                      "The SFT rows of the ablation, same batches and same held-out sets (`bench/sft_recipe.py`):", "",
+                      *sft_rows(), "", END])
 
 
 def main() -> int:
