@@ -98,6 +98,7 @@ class GRPOConfig:
     eps_high: float | None = knob(None, "Upper clip range of the ratio (1 + eps_high); null: 0.28 for dapo (clip-higher), else 0.2.")
     kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (adapter off); 0 skips it.")
     epochs: int = knob(1, "Passes over one batch of rollouts; ppo needs >= 2, the others usually 1.")
+    shared_prefix: bool = knob(True, "Run each prompt once per micro-batch and its completions on its cached keys/values (same loss and gradients, fewer tokens); false runs every full sequence.")
     micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
     max_grad_norm: float = knob(1.0, "Gradient norm clip.")
     max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")

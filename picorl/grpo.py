@@ -23,6 +23,8 @@ Algorithms in the config map to these settings (ALGORITHMS below).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # algorithm -> advantage scale, loss aggregation, default eps_high, dynamic sampling
@@ -69,6 +71,74 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
                    logits_to_keep=k + 1).logits[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
     mask = completion_mask[:, -k:]
+    return logp * mask, mask
+
+
+def repeat_cache_rows(cache, owner: list[int]):
+    """Make row j of every cached key/value tensor a copy of row owner[j], in place.
+
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(cache).__name__} has no per-layer keys/values to share; "
+                        "set grpo.shared_prefix=false for this model")
+    for layer in layers:
+        layer.keys, layer.values = repeat_rows(layer.keys, owner), repeat_rows(layer.values, owner)
+    return cache
+
+
+def repeat_rows(t: torch.Tensor, owner: list[int]) -> torch.Tensor:
+    """t[owner], built from `expand` over runs of equal owners.
+
+    Indexing with repeated rows has a backward that adds into the same row from several
+    threads in no fixed order on CPU: gradients would differ in the last bit from run to
+    run, and a resumed run would not be bit-identical to an uninterrupted one. The backward
+    of `expand` is a sum with a fixed order.
+    """
+    runs = [(o, len(list(g))) for o, g in itertools.groupby(owner)]
+    return torch.cat([t[o:o + 1].expand(n, *t.shape[1:]) for o, n in runs])
+
+
+def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
+                           owner: list[int], pad_id: int):
+    """Log-probs of completion tokens, running each prompt once for all of its completions.
+
+    prompts: distinct prompt ids; completions[j] is sampled from prompts[owner[j]]. Returns
+    (logp, mask), (len(completions), longest completion), completions right-padded.
+
+    A group's k completions share one prompt, and at d6 the prompt (~165 tokens with the
+    system prompt) is three times longer than a completion; running it k times is most of
+    the forward and backward. So: one forward over the (left-padded) prompts keeps their
+    keys/values, each row is repeated for its completions, and one forward over the
+    completions attends to them. Gradients flow back through the cached keys/values into
+    the prompt's forward, so loss and gradients equal token_logprobs' on the full
+    sequences (tests/test_grpo.py checks both).
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    p_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    p_attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        p_ids[i, width - len(p):], p_attn[i, width - len(p):] = torch.tensor(p), 1
+    p_ids, p_attn = p_ids.to(device), p_attn.to(device)
+    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=(p_attn.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    rows = torch.tensor(owner, device=device)
+    cache = repeat_cache_rows(out.past_key_values, owner)  # row j: completion j's prompt
+    length = max(len(c) for c in completions)
+    c_ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), length), dtype=torch.long)
+    for j, c in enumerate(completions):
+        c_ids[j, :len(c)], mask[j, :len(c)] = torch.tensor(c), 1
+    c_ids, mask = c_ids.to(device), mask.to(device)
+    positions = p_attn.sum(1)[rows][:, None] + torch.arange(length, device=device)
+    # Right padding is safe here: a pad sits after every real token, so no real token sees it.
+    logits = model(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
+                   position_ids=positions, past_key_values=cache, use_cache=True).logits
+    # Token t is predicted by position t-1; the first by the prompt's last position.
+    logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1).float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)
+    mask = mask.float()
     return logp * mask, mask
 
 

@@ -20,7 +20,8 @@ import torch
 from picorl.data import messages_of
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
-from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, token_logprobs
+from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, policy_loss, shared_prefix_logprobs,
+                         token_logprobs)
 from picorl.rollout import Completion, Sampling
 
 RewardFn = Callable[[Completion, dict], tuple[float, bool]]
@@ -145,13 +146,13 @@ class GRPOTrainer:
                                 reason="no group with reward variance")
         rewards = torch.tensor([r for s in scored for r, _ in s], dtype=torch.float)
         adv, _ = group_advantages(rewards, g.group_size, scale=self.algo["scale"])
-        seqs = [c.prompt_ids + c.token_ids for grp in groups for c in grp]
-        masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for grp in groups for c in grp]
+        completions = [c for grp in groups for c in grp]
+        group_of = [i for i, grp in enumerate(groups) for _ in grp]
         # Gradients accumulate across micro-batches, so they must start from nothing: stale
         # ones (from SFT, or an update interrupted mid-backward) would leak into this step.
         self.optimizer.zero_grad(set_to_none=True)
         t_loss = time.perf_counter()
-        loss_val, kl_val, clip = self._optimise(seqs, masks, adv)
+        loss_val, kl_val, clip = self._optimise(completions, group_of, adv)
         t_opt = time.perf_counter()
         metrics["loss_backward_s"] = t_opt - t_loss
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, g.max_grad_norm).item()
@@ -180,46 +181,58 @@ class GRPOTrainer:
             metrics["skip_reason"] = reason
         return metrics
 
-    def _optimise(self, seqs, masks, adv):
+    def _logprobs(self, model, completions, group_of, part):
+        """(logp, mask) of the completions in `part`, one row each."""
+        pad = self.tokenizer.pad_token_id
+        if self.cfg.grpo.shared_prefix:
+            first = {}  # group -> its row among the distinct prompts of this micro-batch
+            for i in part:
+                first.setdefault(group_of[i], len(first))
+            prompts = [None] * len(first)
+            for i in part:
+                prompts[first[group_of[i]]] = completions[i].prompt_ids
+            return shared_prefix_logprobs(model, prompts, [completions[i].token_ids for i in part],
+                                          [first[group_of[i]] for i in part], pad)
+        seqs = [completions[i].prompt_ids + completions[i].token_ids for i in part]
+        masks = [[0] * len(completions[i].prompt_ids) + [1] * len(completions[i].token_ids) for i in part]
+        return token_logprobs(model, *pad_batch(seqs, masks, pad, self.device))
+
+    def _optimise(self, completions, group_of, adv):
         """Loss and gradients over micro-batches, weighted so they sum to the full batch's loss."""
         g = self.cfg.grpo
         agg, mb = self.algo["agg"], g.micro_batch_size
         max_len = self.cfg.rollout.max_tokens
-        total_tokens = sum(sum(m) for m in masks)
+        n = len(completions)
+        total_tokens = sum(len(c.token_ids) for c in completions)
         # Zero-advantage sequences add nothing to the policy loss; without a KL term, skip their forward.
-        idx = [i for i in range(len(seqs)) if g.kl_coef > 0 or adv[i] != 0]
+        idx = [i for i in range(n) if g.kl_coef > 0 or adv[i] != 0]
+        parts = [idx[s:s + mb] for s in range(0, len(idx), mb)]
         old = {}
         if g.epochs > 1:  # the ratio needs the pre-update policy's log-probs, frozen
             with torch.no_grad():
-                for s in range(0, len(idx), mb):
-                    part = idx[s:s + mb]
-                    ids, attn, cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
-                                              self.tokenizer.pad_token_id, self.device)
-                    lp, m = token_logprobs(self.model, ids, attn, cm)
+                for part in parts:
+                    lp, m = self._logprobs(self.model, completions, group_of, part)
                     for j, i in enumerate(part):
                         old[i] = lp[j][m[j].bool()]
         loss_sum = kl_sum = clip_sum = 0.0
         n_mb = 0
         self.model.train()
         for _ in range(g.epochs):
-            for s in range(0, len(idx), mb):
-                part = idx[s:s + mb]
-                ids, attn, full_cm = pad_batch([seqs[i] for i in part], [masks[i] for i in part],
-                                               self.tokenizer.pad_token_id, self.device)
-                logp, cm = token_logprobs(self.model, ids, attn, full_cm)
+            for part in parts:
+                logp, cm = self._logprobs(self.model, completions, group_of, part)
                 if old:
                     old_lp = torch.zeros_like(logp)
                     for j, i in enumerate(part):
                         old_lp[j][cm[j].bool()] = old[i]
                 else:
                     old_lp = logp.detach()
-                weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / len(seqs)
+                weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / n
                 a = adv[part].to(self.device)
                 loss, m = policy_loss(logp, old_lp, a, cm, eps_low=g.eps_low, eps_high=self.eps_high,
                                       agg=agg, max_len=max_len, return_metrics=True)
                 total = loss
                 if g.kl_coef > 0:
-                    kl = kl_penalty(logp, self._ref_logprobs(ids, attn, full_cm), cm, agg, max_len)
+                    kl = kl_penalty(logp, self._ref_logprobs(completions, group_of, part), cm, agg, max_len)
                     total = total + g.kl_coef * kl
                     kl_sum += kl.item() * weight
                 (total * weight / g.epochs).backward()
@@ -230,12 +243,12 @@ class GRPOTrainer:
         return loss_sum, kl_sum / g.epochs, clip_sum / max(n_mb, 1)
 
     @torch.no_grad()
-    def _ref_logprobs(self, ids, attn, cm):
+    def _ref_logprobs(self, completions, group_of, part):
         if self.ref_model is not None:
-            return token_logprobs(self.ref_model, ids, attn, cm)[0]
+            return self._logprobs(self.ref_model, completions, group_of, part)[0]
         ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         with ctx:
-            return token_logprobs(self.model, ids, attn, cm)[0]
+            return self._logprobs(self.model, completions, group_of, part)[0]
 
     # ------------------------------------------------------------ state for checkpoints
 
