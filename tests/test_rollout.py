@@ -65,3 +65,16 @@ def test_hf_speed_switches_are_checked(tiny_model, tokenizer):
         HFEngine(tiny_model, tokenizer, cache="paged")
     with pytest.raises(ValueError, match="hf_compile needs rollout.hf_cache=static"):
         HFEngine(tiny_model, tokenizer, compile=True)
+
+
+def test_shared_prompt_prefill_changes_no_sample(tiny_model, tokenizer, monkeypatch):
+    s = Sampling(temperature=1.0, max_tokens=6, seed=11)
+    eng = HFEngine(tiny_model, tokenizer, batch_size=7, progress=False)  # groups split across calls too
+    calls = []
+    real = HFEngine._shared_prefill
+    monkeypatch.setattr(HFEngine, "_shared_prefill", lambda self, *a: calls.append(1) or real(self, *a))
+    shared = eng.generate(prompts(3), 4, s)
+    assert calls  # the prompts were prefilled once per group
+    monkeypatch.setattr(HFEngine, "_shared_prefill", lambda self, *a: None)
+    full = eng.generate(prompts(3), 4, s)
+    assert [c.token_ids for g in shared for c in g] == [c.token_ids for g in full for c in g]

@@ -2,8 +2,10 @@
 
 All prompts x n go through `generate` in as few calls as memory allows (`batch_size`
 sequences per call), left-padded so every prompt ends where generation starts, sorted by
-prompt length so a call pads little. `generate` stops a call as soon as every sequence in
-it has emitted a stop token. The engine shares the trainer's model object, so there is no
+prompt length so a call pads little. The n samples of a prompt share its keys/values: the
+prompt is prefilled once and its cache rows repeated, which at d6 (a ~165-token prompt,
+8 samples) takes a quarter off a rollout and changes no token. `generate` stops a call as
+soon as every sequence in it has emitted a stop token. The engine shares the trainer's model object, so there is no
 weight sync to do.
 
 Two switches trade start-up time for decode speed without changing results:
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from picorl.grpo import repeat_cache_rows
 from picorl.rollout.base import Completion, Sampling
 
 CACHES = ("dynamic", "static")
@@ -59,6 +62,22 @@ class HFEngine:
         cc._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
         return {"cache_implementation": "static", "compile_config": cc}
 
+    def _shared_prefill(self, input_ids, attn, owner):
+        """Keys/values of all but each prompt's last token, computed once per distinct prompt.
+
+        The k samples of a task share its prompt, so the prompt is run once and its cache
+        rows repeated; `generate` then feeds only the last prompt token and decodes.
+        """
+        first = {}
+        for r, o in enumerate(owner):
+            first.setdefault(o, r)
+        rows = list(first.values())
+        local = [list(first).index(o) for o in owner]
+        ids, mask = input_ids[rows, :-1], attn[rows, :-1]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        return repeat_cache_rows(out.past_key_values, local)
+
     def sync_weights(self, model) -> None:
         self.model = model  # same object as the trainer's: nothing to copy
 
@@ -94,7 +113,11 @@ class HFEngine:
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            input_ids, attn = input_ids.to(device), attn.to(device)
+            owner = [j // n for j in idx]
+            if n > 1 and self.cache == "dynamic" and len(set(owner)) < len(owner):
+                kwargs["past_key_values"] = self._shared_prefill(input_ids, attn, owner)
+            out = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
             new = out[:, width:].tolist()
             for r, j in enumerate(idx):
                 ids, finished = [], False
