@@ -105,7 +105,7 @@ def main() -> int:
         ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
         print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x | "
               f"{r['warmup_s']} | {r.get('same_greedy_as_hf', '-')} |")
-    write_result(f"rollout-{machine_tag(out['machine'])}-{args.prompts}x{args.max_tokens}-{'_'.join(args.engines)}", out)
+    write_result(f"rollout-{machine_tag(out['machine'])}-{args.prompts}x{args.max_tokens}-{args.dtype}-{'_'.join(args.engines)}", out)
     return 0
 
 

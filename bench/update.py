@@ -73,6 +73,13 @@ def bench_config(args) -> Config:
         f"grpo.micro_batch_size={args.micro_batch}", "grpo.lr=1e-5", "grpo.kl_coef=0.0"])
 
 
+def resolved_dtype(args) -> str:
+    """The dtype `auto` stands for here (bf16 on GPU, fp32 on CPU)."""
+    if args.dtype != "auto":
+        return args.dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -113,7 +120,7 @@ def describe(args) -> dict:
     return {"machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "config": {
                 "model": args.model, "lora_rank": 32, "lora_alpha": 64, "tasks": args.tasks, "k": args.k,
-                "max_tokens": args.max_tokens, "micro_batch": args.micro_batch, "dtype": args.dtype,
+                "max_tokens": args.max_tokens, "micro_batch": args.micro_batch, "dtype": resolved_dtype(args),
                 "engine": args.engine, "difficulty": args.difficulty, "updates": args.updates,
                 "reward": "partial + jitter < 0.01", "kl_coef": 0.0, "temperature": 1.0}}
 
@@ -137,7 +144,7 @@ def main() -> int:
           f"mean completion {med['completion_len']:.0f} tokens")
     if args.model != models.EMBEDDED:
         return 0
-    write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}", out)
+    write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}", out)
     return 0
 
 

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_tag, write_result  # noqa: E402
-from bench.update import add_shape_args, bench_reward_value, describe, peak_memory_gb, run_picorl, summarise  # noqa: E402
+from bench.update import (add_shape_args, bench_reward_value, describe, peak_memory_gb, resolved_dtype,  # noqa: E402
+                          run_picorl, summarise)
 from picorl import data, models  # noqa: E402
 
 
@@ -127,7 +128,7 @@ def main() -> int:
     print(f"picoRL is {ratio:.2f}x faster per update than TRL {out['trl_version']}")
     if args.model != models.EMBEDDED:
         return 0  # a smoke run on another model writes no result file
-    write_result(f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}", out)
+    write_result(f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}", out)
     return 0
 
 
