@@ -46,7 +46,7 @@ def run_trl(args) -> dict:
     from picorl.config import DEFAULT_LORA_TARGETS
 
     torch.manual_seed(0)
-    model, tok = models.load_model(args.model, dtype=args.dtype)
+    model, tok = models.load_model(args.model, dtype=args.dtype, attention="sdpa")  # TRL as it comes
     tok.padding_side = "left"
     records = data.train_records(args.difficulty, 256, seed=0)
     ds = datasets.Dataset.from_list([{"prompt": data.messages_of(r), "letters": r["letters"],

@@ -46,6 +46,7 @@ class ModelConfig:
     name: str = knob("smollm2-135m-instruct", "Embedded model name, a local HF directory, or a hub id already in the local HF cache.")
     dtype: str = knob("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")
     device: str = knob("auto", "auto (cuda when available), cpu or cuda.")
+    attention: str = knob("grouped_sdpa", "grouped_sdpa (SDPA that shares key/value heads without copying them), sdpa or eager.")
     trust_remote_code: bool = knob(False, "Run code shipped with the model. Off unless you trust the model's source.")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
 
@@ -154,6 +155,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
+    "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
     "sft.style": ("cot", "direct"),
     "rollout.engine": ("hf", "vllm"),

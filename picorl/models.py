@@ -142,9 +142,22 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) on the chosen device, in eval mode."""
+ATTENTIONS = ("grouped_sdpa", "sdpa", "eager")
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               attention: str = "grouped_sdpa"):
+    """(model, tokenizer) on the chosen device, in eval mode.
+
+    attention: grouped_sdpa (picorl/attention.py: SDPA without copying key/value heads for
+    grouped-query attention), sdpa or eager (transformers' own).
+    """
     from transformers import AutoModelForCausalLM
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "grouped_sdpa":
+        import picorl.attention  # noqa: F401  (registers it with transformers)
 
     dev = pick_device(device)
     tok = load_tokenizer(name, trust_remote_code)
@@ -157,6 +170,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
             trust_remote_code=trust_remote_code)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
+    model.set_attn_implementation(attention)
     return model.to(dev).eval(), tok
 
 
@@ -193,7 +207,8 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
 def load_for_config(cfg, adapter: str | Path | None = None):
     """(model, tokenizer) for a Config's model section, with a new or saved LoRA adapter."""
     m = cfg.model
-    model, tok = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    model, tok = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code,
+                            attention=m.attention)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=True)
     elif m.lora.enabled:
