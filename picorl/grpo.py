@@ -75,9 +75,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
 
 
 def repeat_cache_rows(cache, owner: list[int]):
-    """Make row j of every cached key/value tensor a copy of row owner[j], in place.
-
-    """
+    """Make row j of every cached key/value tensor a copy of row owner[j], in place."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"{type(cache).__name__} has no per-layer keys/values to share; "
@@ -112,7 +110,7 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     keys/values, each row is repeated for its completions, and one forward over the
     completions attends to them. Gradients flow back through the cached keys/values into
     the prompt's forward, so loss and gradients equal token_logprobs' on the full
-    sequences (tests/test_grpo.py checks both).
+    sequences (tests/test_trainer.py checks both).
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)

@@ -23,9 +23,9 @@ from picorl import checkpoint, data
 from picorl.config import Config, dump_yaml
 from picorl.curriculum import Curriculum
 from picorl.evaluate import evaluate_sets
-from picorl.rollout.hf import HFEngine
 from picorl.faults import fault_point
 from picorl.plan import Chunk, train_difficulties
+from picorl.rollout.hf import HFEngine
 from picorl.sft import train_sft
 
 MAX_SKIPS_IN_A_ROW = 5

@@ -5,8 +5,8 @@ sequences per call), left-padded so every prompt ends where generation starts, s
 prompt length so a call pads little. The n samples of a prompt share its keys/values: the
 prompt is prefilled once and its cache rows repeated, which at d6 (a ~165-token prompt,
 8 samples) takes a quarter off a rollout and changes no token. `generate` stops a call as
-soon as every sequence in it has emitted a stop token. The engine shares the trainer's model object, so there is no
-weight sync to do.
+soon as every sequence in it has emitted a stop token. The engine shares the trainer's
+model object, so there is no weight sync to do.
 
 Two switches trade start-up time for decode speed without changing results:
 `cache="static"` preallocates the KV cache for prompt + max_tokens, so every decode step
