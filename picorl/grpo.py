@@ -74,6 +74,18 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
     return logp * mask, mask
 
 
+def distinct_rows(keys: list) -> tuple[list[int], list[int]]:
+    """(position of each distinct key's first occurrence, each position's index among those).
+
+    distinct_rows(["a", "a", "b", "a"]) == ([0, 2], [0, 0, 1, 0])
+    """
+    first: dict = {}
+    for pos, k in enumerate(keys):
+        first.setdefault(k, pos)
+    index = {k: i for i, k in enumerate(first)}
+    return list(first.values()), [index[k] for k in keys]
+
+
 def repeat_cache_rows(cache, owner: list[int]):
     """Make row j of every cached key/value tensor a copy of row owner[j], in place."""
     layers = getattr(cache, "layers", None)

@@ -20,8 +20,8 @@ import torch
 from picorl.data import messages_of
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
-from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, policy_loss, shared_prefix_logprobs,
-                         token_logprobs)
+from picorl.grpo import (ALGORITHMS, distinct_rows, group_advantages, kl_penalty, policy_loss,
+                         shared_prefix_logprobs, token_logprobs)
 from picorl.rollout import Completion, Sampling
 
 RewardFn = Callable[[Completion, dict], tuple[float, bool]]
@@ -185,14 +185,9 @@ class GRPOTrainer:
         """(logp, mask) of the completions in `part`, one row each."""
         pad = self.tokenizer.pad_token_id
         if self.cfg.grpo.shared_prefix:
-            first = {}  # group -> its row among the distinct prompts of this micro-batch
-            for i in part:
-                first.setdefault(group_of[i], len(first))
-            prompts = [None] * len(first)
-            for i in part:
-                prompts[first[group_of[i]]] = completions[i].prompt_ids
-            return shared_prefix_logprobs(model, prompts, [completions[i].token_ids for i in part],
-                                          [first[group_of[i]] for i in part], pad)
+            rows, owner = distinct_rows([group_of[i] for i in part])  # one prompt per group
+            return shared_prefix_logprobs(model, [completions[part[r]].prompt_ids for r in rows],
+                                          [completions[i].token_ids for i in part], owner, pad)
         seqs = [completions[i].prompt_ids + completions[i].token_ids for i in part]
         masks = [[0] * len(completions[i].prompt_ids) + [1] * len(completions[i].token_ids) for i in part]
         return token_logprobs(model, *pad_batch(seqs, masks, pad, self.device))

@@ -91,3 +91,9 @@ def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
     assert kl_penalty(lp, lp, torch.ones(1, 2)).item() == 0.0
     d = 0.5
     assert kl_penalty(lp, lp + d, torch.ones(1, 2)).item() == pytest.approx(math.exp(d) - d - 1)
+
+
+def test_distinct_rows_names_each_first_occurrence_and_maps_every_position():
+    from picorl.grpo import distinct_rows
+    assert distinct_rows(["a", "a", "b", "a"]) == ([0, 2], [0, 0, 1, 0])
+    assert distinct_rows([3, 1, 1, 3, 2]) == ([0, 1, 4], [0, 1, 1, 0, 2])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from picorl.grpo import repeat_cache_rows
+from picorl.grpo import distinct_rows, repeat_cache_rows
 from picorl.rollout.base import Completion, Sampling
 
 CACHES = ("dynamic", "static")
@@ -68,11 +68,7 @@ class HFEngine:
         The k samples of a task share its prompt, so the prompt is run once and its cache
         rows repeated; `generate` then feeds only the last prompt token and decodes.
         """
-        first = {}
-        for r, o in enumerate(owner):
-            first.setdefault(o, r)
-        rows = list(first.values())
-        local = [list(first).index(o) for o in owner]
+        rows, local = distinct_rows(owner)
         ids, mask = input_ids[rows, :-1], attn[rows, :-1]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1)
