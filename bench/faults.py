@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import cpu_name  # noqa: E402
+
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 POINTS = ["sft:2:kill", "rollout:3:kill", "update:3:kill", "checkpoint:4:kill", "eval:2:kill", "log:3:kill"]
 EXPECTED = {"sft/loss": [1, 2, 3], "train/reward_mean": [1, 2, 3, 4], "eval/acc_d3": [0, 2, 4]}
@@ -92,11 +96,11 @@ def main() -> int:
     result = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "python": platform.python_version(), "config": "configs/smoke.yaml",
               "uninterrupted_s": round(clean_s, 1), "rows": rows}
-    cpu = _cpu_name().replace(" ", "_").replace("(R)", "").replace("/", "_")[:40]
+    cpu = cpu_name().replace(" ", "_").replace("(R)", "").replace("/", "_")[:40]
     out = ROOT / "bench" / "results" / f"faults-{cpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"uninterrupted smoke run: {clean_s:.1f} s ({result['cpu_count']} cores, {_cpu_name()})")
+    print(f"uninterrupted smoke run: {clean_s:.1f} s ({result['cpu_count']} cores, {cpu_name()})")
     print("| fault (point:update) | runs | steps lost | steps doubled | final state = uninterrupted | resume wall time |")
     print("|---|---|---|---|---|---|")
     for point in POINTS:
@@ -106,16 +110,6 @@ def main() -> int:
               f"{sum(r['resume_s'] for r in rs) / len(rs):.1f} s |")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
