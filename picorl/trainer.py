@@ -69,7 +69,6 @@ class GRPOTrainer:
         self.step = 0  # global update number: updates done so far
         self.skipped_in_a_row = 0
         self.skipped_total = 0
-        self._reward_s = 0.0
         self.device = next(model.parameters()).device
         # With LoRA the reference policy is the same model with the adapter off; full
         # fine-tuning needs a frozen copy, made only when a KL term asks for it.
@@ -80,13 +79,13 @@ class GRPOTrainer:
     # ------------------------------------------------------------ rollouts and rewards
 
     def _rollout(self, records, seed):
+        """(groups, scored groups, seconds spent scoring) for one engine call."""
         r = self.cfg.rollout
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
         groups = self.engine.generate([messages_of(x) for x in records], self.cfg.grpo.group_size, sampling)
         t0 = time.perf_counter()
         scored = [[self.reward_fn(c, rec) for c in grp] for grp, rec in zip(groups, records)]
-        self._reward_s += time.perf_counter() - t0
-        return groups, scored
+        return groups, scored, time.perf_counter() - t0
 
     def collect(self, records: list[dict]):
         """Sample tasks and roll them out; with dynamic sampling, refill zero-variance groups."""
@@ -94,8 +93,7 @@ class GRPOTrainer:
         rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}")
         tasks = [rng.choice(records) for _ in range(g.tasks_per_update)]
         t0 = time.perf_counter()
-        self._reward_s = 0.0
-        groups, scored = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
+        groups, scored, reward_s = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
         fault_point("rollout", self.step + 1)
         stats = {"rollout_groups": len(groups), "rollout_tokens": _tokens(groups)}
         all_rewards = [s for grp in scored for s in grp]
@@ -106,15 +104,17 @@ class GRPOTrainer:
                 if len(kept) >= g.tasks_per_update:
                     break
                 more = [rng.choice(records) for _ in range(g.tasks_per_update - len(kept))]
-                mg, ms = self._rollout(more, seed=cfg.run.seed * 1_000_003 + self.step + (round_ + 1) * 7919)
+                mg, ms, more_reward_s = self._rollout(
+                    more, seed=cfg.run.seed * 1_000_003 + self.step + (round_ + 1) * 7919)
+                reward_s += more_reward_s
                 stats["rollout_groups"] += len(mg)
                 stats["rollout_tokens"] += _tokens(mg)
                 all_rewards += [s for grp in ms for s in grp]
                 kept += [(t, gr, s) for t, gr, s in zip(more, mg, ms) if keep(s)]
             kept = kept[:g.tasks_per_update]
             tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
-        stats["reward_s"] = self._reward_s
-        rollout_s = time.perf_counter() - t0 - self._reward_s
+        stats["reward_s"] = reward_s
+        rollout_s = time.perf_counter() - t0 - reward_s
         return tasks, groups, scored, all_rewards, rollout_s, stats
 
     # ------------------------------------------------------------ the update
