@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, machine_tag, write_result  # noqa: E402
+from bench.common import RESULTS, machine, machine_tag, write_result  # noqa: E402
 from picorl import data, models  # noqa: E402
 from picorl.evaluate import evaluate_sets  # noqa: E402
 from picorl.sft import train_sft  # noqa: E402
@@ -38,7 +38,9 @@ def main() -> int:
     ap.add_argument("--eval-size", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--styles", nargs="+", default=["base", "direct", "cot"])
+    ap.add_argument("--styles", nargs="+", default=["base", "direct", "cot"],
+                    help="rows to measure: base and any of picorl.sft.STYLES; rows of an earlier run with "
+                         "the same settings are kept")
     args = ap.parse_args()
 
     train = [r for d in args.sft_difficulties for r in data.train_records(d, 2000, seed=0)]
@@ -68,20 +70,37 @@ def main() -> int:
         "batch_size": args.batch_size, "lr": args.lr, "sft_difficulties": args.sft_difficulties,
         "eval_difficulties": args.eval_difficulties, "eval_size": args.eval_size,
         "max_tokens": args.max_tokens, "dtype": args.dtype}, "rows": rows}
+    shape = "".join(map(str, args.sft_difficulties))
+    stem = f"sft-recipe-{machine_tag(out['machine'])}-d{shape}-{args.steps}x{args.batch_size}"
+    kept = earlier_rows(RESULTS / f"{stem}.json", out, set(rows))
+    out["rows"] = {**kept, **rows}
     print(f"\n{out['machine']}: SFT {args.steps} steps x {args.batch_size} on d{args.sft_difficulties}")
     head = " | ".join(f"d{d} exact | d{d} formatted" for d in args.eval_difficulties)
     print(f"| row | {head} | SFT s |")
     print("|---" * (1 + 2 * len(args.eval_difficulties) + 1) + "|")
-    for style, r in rows.items():
+    for style, r in out["rows"].items():
         cells = " | ".join(f"{r['eval'][str(d)]['exact']:.1%} | {r['eval'][str(d)]['formatted']:.1%}"
                            for d in args.eval_difficulties)
         print(f"| {style} | {cells} | {r['sft_s']} |")
-    shape = "".join(map(str, args.sft_difficulties))
-    stem = f"sft-recipe-{machine_tag(out['machine'])}-d{shape}-{args.steps}x{args.batch_size}"
+    items = [i for i in data.read_jsonl(RESULTS / f"{stem}-items.jsonl") if i["row"] in kept] if kept else []
     path = write_result(stem, out)
-    data.write_jsonl([{"row": s, **i} for s, items in items_out.items() for i in items],
+    data.write_jsonl(items + [{"row": s, **i} for s, its in items_out.items() for i in its],
                      path.with_name(f"{stem}-items.jsonl"))
     return 0
+
+
+def earlier_rows(path: Path, out: dict, rerun: set) -> dict:
+    """Rows of an earlier run of the same configuration on the same machine that this run did not redo.
+
+    A row takes a quarter of an hour on a CPU, so adding a style (--styles cot_tokens) keeps the
+    rows already measured instead of overwriting them.
+    """
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("config") != out["config"] or old.get("machine") != out["machine"]:
+        return {}
+    return {k: v for k, v in old["rows"].items() if k not in rerun}
 
 
 if __name__ == "__main__":

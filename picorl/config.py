@@ -67,7 +67,8 @@ class DataConfig:
 @dataclass
 class SFTConfig:
     enabled: bool = knob(True, "Run the SFT warmup before RL.")
-    style: str = knob("cot", "cot: spell the string out with a running tally, then answer. direct: the answer tag only.")
+    style: str = knob("cot", "cot: spell the string out with a running tally, then answer. cot_tokens: the same, "
+                          "one line per token of the string. direct: the answer tag only.")
     steps: int = knob(50, "Optimizer steps of SFT.")
     batch_size: int = knob(8, "Demonstrations per SFT step.")
     lr: float = knob(5e-4, "SFT learning rate (LoRA).")
@@ -157,7 +158,7 @@ CHOICES = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
-    "sft.style": ("cot", "direct"),
+    "sft.style": ("cot", "cot_tokens", "direct"),
     "rollout.engine": ("hf", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),

@@ -1,6 +1,6 @@
 """SFT warmup: teach the answer format (and, with `cot`, a way to count) before RL.
 
-Two target styles:
+Three target styles:
 
 direct (the reference run): the answer tag only.
     <answer>{"e": 1, "o": 2}</answer>
@@ -17,6 +17,23 @@ letter; the answer is each letter's last count. Nothing has to be held across a 
 Each character is one token (" x") and a count one or two more, so the chain costs about
 1.4 tokens per character: at d6 (40-80 characters, 8-12 letters) 157 tokens on average and
 202 at most over the first 64 held-out items (SmolLM2 tokenizer), well inside max_tokens.
+
+cot_tokens: the same tally, one line per token of the string as the tokenizer cut it in
+the prompt: the token copied, then its letters.
+    <think>
+    over: o1 v e1 r
+    mod: m o2 d
+    est: e2 s t
+    </think>
+    <answer>{"e": 2, "o": 2}</answer>
+
+Why: the model reads the string as multi-letter tokens, and the 135M model's cot misses
+are mostly misspellings (it loses its place inside a token). Here the place is explicit:
+copying the next token is a lookup of the prompt, and spelling it needs only that token,
+right before. The line's token is the same token id as in the prompt (it follows a newline,
+as the string follows a quote). The line heads cost tokens: over the first 64 held-out
+items 46 on average (67 at most) against cot's 35 at d3, and 265 (345 at most) against
+157 at d6.
 """
 from __future__ import annotations
 
@@ -30,7 +47,7 @@ from tqdm.auto import tqdm
 from picorl.data import messages_of
 from picorl.rollout.hf import chat_prompt_ids
 
-STYLES = ("direct", "cot")
+STYLES = ("direct", "cot", "cot_tokens")
 
 
 def answer_text(letters: list[str], answer: dict) -> str:
@@ -39,23 +56,46 @@ def answer_text(letters: list[str], answer: dict) -> str:
     return "<answer>" + json.dumps({c: answer[c] for c in letters}) + "</answer>"
 
 
-def cot_text(string: str, letters: list[str]) -> str:
-    counts = dict.fromkeys(letters, 0)
+def _tallied(chars: str, counts: dict) -> list[str]:
+    """Each character, with its running count when it is an asked letter (updates counts)."""
     steps = []
-    for ch in string:
+    for ch in chars:
         if ch in counts:
             counts[ch] += 1
             steps.append(f"{ch}{counts[ch]}")
         else:
             steps.append(ch)
-    return "<think>" + " ".join(steps) + "</think>\n"
+    return steps
 
 
-def demonstration(record: dict, style: str) -> str:
-    """The assistant's target text for one task."""
+def cot_text(string: str, letters: list[str]) -> str:
+    return "<think>" + " ".join(_tallied(string, dict.fromkeys(letters, 0))) + "</think>\n"
+
+
+def string_tokens(tokenizer, string: str) -> list[str]:
+    """The string cut into the pieces the tokenizer makes of it inside the prompt."""
+    ids = tokenizer(string, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def cot_tokens_text(pieces: list[str], letters: list[str]) -> str:
+    counts = dict.fromkeys(letters, 0)
+    lines = [f"{piece}: {' '.join(_tallied(piece, counts))}" for piece in pieces]
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n"
+
+
+def demonstration(record: dict, style: str, tokenizer=None) -> str:
+    """The assistant's target text for one task (cot_tokens needs the tokenizer)."""
     if style not in STYLES:
         raise ValueError(f"sft.style must be one of {', '.join(STYLES)}, got {style!r}")
-    head = cot_text(record["string"], record["letters"]) if style == "cot" else ""
+    if style == "cot":
+        head = cot_text(record["string"], record["letters"])
+    elif style == "cot_tokens":
+        if tokenizer is None:
+            raise ValueError("sft.style cot_tokens cuts the string where the tokenizer does: pass the tokenizer")
+        head = cot_tokens_text(string_tokens(tokenizer, record["string"]), record["letters"])
+    else:
+        head = ""
     return head + answer_text(record["letters"], record["answer"])
 
 
@@ -66,7 +106,7 @@ def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list
     with eos, so SFT teaches the model to stop where generation stops.
     """
     prompt = chat_prompt_ids(tokenizer, messages_of(record))
-    target = tokenizer(demonstration(record, style), add_special_tokens=False)["input_ids"]
+    target = tokenizer(demonstration(record, style, tokenizer), add_special_tokens=False)["input_ids"]
     target = target + [tokenizer.eos_token_id]
     return prompt + target, [-100] * len(prompt) + target
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (on the tiny model), so their figures stay honest."""
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,15 @@ def test_vs_trl_runs_both_trainers_side_by_side():
 def test_readme_bench_tables_are_built_from_the_result_files():
     from bench.table import markdown
     assert markdown() in (ROOT / "README.md").read_text(), "stale: run python bench/table.py --write"
+
+
+def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
+    from bench.sft_recipe import earlier_rows
+
+    path = tmp_path / "sft.json"
+    old = {"machine": "m", "config": {"steps": 200}, "rows": {"base": {"x": 1}, "cot": {"x": 2}}}
+    path.write_text(json.dumps(old))
+    assert earlier_rows(path, {"machine": "m", "config": {"steps": 200}}, {"cot"}) == {"base": {"x": 1}}
+    assert earlier_rows(path, {"machine": "m", "config": {"steps": 400}}, {"cot"}) == {}
+    assert earlier_rows(path, {"machine": "other", "config": {"steps": 200}}, set()) == {}
+    assert earlier_rows(tmp_path / "none.json", old, set()) == {}

@@ -78,3 +78,29 @@ def test_shared_prompt_prefill_changes_no_sample(tiny_model, tokenizer, monkeypa
     monkeypatch.setattr(HFEngine, "_shared_prefill", lambda self, *a: None)
     full = eng.generate(prompts(3), 4, s)
     assert [c.token_ids for g in shared for c in g] == [c.token_ids for g in full for c in g]
+
+
+def test_inverse_cdf_sampler_draws_from_the_tempered_nucleus():
+    from picorl.rollout.hf import InverseCDFSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 200_000
+    scores = logits.expand(rows, -1).clone()
+    picked = InverseCDFSampler(temperature=0.7, top_p=1.0)(None, scores).argmax(-1)
+    freq = torch.bincount(picked, minlength=6).double() / rows
+    assert torch.allclose(freq, torch.softmax(logits.double() / 0.7, -1), atol=4e-3)
+    # top-p 0.8 keeps the smallest set of tokens holding 80% of the mass: tokens 0-2 here.
+    nucleus = InverseCDFSampler(temperature=1.0, top_p=0.8)(None, scores).argmax(-1)
+    kept = torch.softmax(logits[:3].double(), -1)
+    assert torch.allclose(torch.bincount(nucleus, minlength=6).double() / rows,
+                          torch.cat([kept, torch.zeros(3, dtype=torch.double)]), atol=4e-3)
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    from picorl.rollout.hf import sample_inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    assert sample_inverse_cdf(probs, torch.tensor([1.0, 1.0])).flatten().tolist() == [2, 1]
+    assert sample_inverse_cdf(probs, torch.tensor([0.0, 0.0])).flatten().tolist() == [1, 0]
+    assert sample_inverse_cdf(probs, torch.tensor([0.3, 0.49])).flatten().tolist() == [2, 0]

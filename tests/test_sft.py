@@ -7,11 +7,11 @@ from picorl import data, evaluate, models, sft
 from picorl.envs.letter_counting import grade
 
 
-def test_direct_and_cot_targets_parse_to_the_true_answer():
+def test_every_style_parses_to_the_true_answer(tokenizer):
     for d in (1, 2, 5, 6, 9):
         for r in data.train_records(d, 30):
-            for style in ("direct", "cot"):
-                g = grade(sft.demonstration(r, style), r["letters"], r["answer"])
+            for style in sft.STYLES:
+                g = grade(sft.demonstration(r, style, tokenizer), r["letters"], r["answer"])
                 assert g["exact"] == 1.0, (style, r)
 
 
@@ -26,11 +26,34 @@ def test_cot_spells_every_character_with_running_tallies():
         sft.demonstration(one, "long")
 
 
+def test_cot_tokens_spells_the_prompt_tokens_line_by_line(tokenizer):
+    r = {"string": "banana", "letters": ["a", "n"], "answer": {"a": 3, "n": 2}}
+    assert sft.cot_tokens_text(["ban", "ana"], r["letters"]) == "<think>\nban: b a1 n1\nana: a2 n2 a3\n</think>\n"
+    with pytest.raises(ValueError, match="pass the tokenizer"):
+        sft.demonstration(r, "cot_tokens")
+    # Each line's head, as the target itself tokenizes, is the very token id the prompt
+    # holds for that piece of the string: copying the next piece is a lookup.
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    for rec in data.eval_records(6, 16) + data.eval_records(3, 16):
+        prompt = sft.chat_prompt_ids(tokenizer, data.messages_of(rec))
+        piece_ids = tokenizer(rec["string"], add_special_tokens=False)["input_ids"]
+        assert any(prompt[i:i + len(piece_ids)] == piece_ids for i in range(len(prompt)))
+        assert "".join(sft.string_tokens(tokenizer, rec["string"])) == rec["string"]
+        target = tokenizer(sft.demonstration(rec, "cot_tokens", tokenizer), add_special_tokens=False)["input_ids"]
+        heads = [target[i + 1] for i, t in enumerate(target) if t == newline[0]][:len(piece_ids)]
+        assert heads == piece_ids, rec["string"]
+
+
 def test_cot_fits_d6_in_its_token_budget(tokenizer):
     # Figures quoted in sft.py's docstring: mean ~157, max ~202 tokens at d6.
     lengths = [len(tokenizer(sft.demonstration(r, "cot"), add_special_tokens=False).input_ids)
                for r in data.eval_records(6, 64)]
     assert 140 < statistics.mean(lengths) < 175 and max(lengths) <= 256
+    # cot_tokens: mean ~265, max ~345, inside configs/gpu.yaml's 384.
+    lengths = [len(tokenizer(sft.demonstration(r, "cot_tokens", tokenizer), add_special_tokens=False).input_ids)
+               for r in data.eval_records(6, 64)]
+    assert 240 < statistics.mean(lengths) < 290 and max(lengths) <= 384
 
 
 def test_loss_covers_assistant_tokens_only(tokenizer):
