@@ -14,6 +14,28 @@ pytest.importorskip("vllm")
 MAX_TOKENS = 24
 
 
+def greedy_agree(hf, engine, model, tok, prompts, tag):
+    """Both engines decode the prompts greedily alike, and vLLM's log-probs are the trainer's."""
+    greedy = Sampling(temperature=0.0, max_tokens=MAX_TOKENS)
+    a = [g[0] for g in hf.generate(prompts, 1, greedy)]
+    b = [g[0] for g in engine.generate(prompts, 1, greedy)]
+    for x, y in zip(a, b):
+        assert x.prompt_ids == y.prompt_ids, tag
+        # Greedy decoding agrees token for token; a near-tie between two logits could flip a
+        # later token under different kernels, so the first 16 must match exactly.
+        assert x.token_ids[:16] == y.token_ids[:16], (tag, x.text, y.text)
+    # The sampling log-probs vLLM reports match what the trainer computes for the same tokens.
+    seqs = [c.prompt_ids + c.token_ids for c in b]
+    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in b]
+    ids, attn, cm = pad_batch(seqs, masks, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, m = token_logprobs(model, ids, attn, cm)
+    for j, c in enumerate(b):
+        ours = lp[j][m[j].bool()].tolist()
+        assert ours == pytest.approx(c.logprobs, abs=2e-3), tag
+    return [c.token_ids for c in b]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_vllm_matches_hf_greedy_with_and_without_adapter():
@@ -23,38 +45,18 @@ def test_vllm_matches_hf_greedy_with_and_without_adapter():
     model, tok = models.load_model(models.EMBEDDED, device="cpu", dtype="float32")
     model = models.add_lora(model, rank=8, alpha=16)
     prompts = [r["messages"] for r in data.eval_records(1, 4)]
-    greedy = Sampling(temperature=0.0, max_tokens=MAX_TOKENS)
     hf = HFEngine(model, tok, progress=False)
     engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), gpu_memory_utilization=0.3,
                         max_model_len=1024, lora_rank=8, dtype="float32", progress=False)
 
-    def compare(tag):
-        a = [g[0] for g in hf.generate(prompts, 1, greedy)]
-        b = [g[0] for g in engine.generate(prompts, 1, greedy)]
-        for x, y in zip(a, b):
-            assert x.prompt_ids == y.prompt_ids, tag
-            # Greedy decoding agrees token for token; a near-tie between two logits could flip a
-            # later token under different kernels, so the first 16 must match exactly.
-            assert x.token_ids[:16] == y.token_ids[:16], (tag, x.text, y.text)
-        # The sampling log-probs vLLM reports match what the trainer computes for the same tokens.
-        seqs = [c.prompt_ids + c.token_ids for c in b]
-        masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in b]
-        ids, attn, cm = pad_batch(seqs, masks, tok.pad_token_id, "cpu")
-        with torch.no_grad():
-            lp, m = token_logprobs(model, ids, attn, cm)
-        for j, c in enumerate(b):
-            ours = lp[j][m[j].bool()].tolist()
-            assert ours == pytest.approx(c.logprobs, abs=2e-3), tag
-        return [c.token_ids for c in b]
-
-    base = compare("base adapter (B = 0)")
+    base = greedy_agree(hf, engine, model, tok, prompts, "base adapter (B = 0)")
     with torch.no_grad():  # a trained-looking adapter: outputs must follow it after a sync
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     engine.sync_weights(model)
     assert engine.lora_request.lora_int_id == 2
-    tuned = compare("after sync")
+    tuned = greedy_agree(hf, engine, model, tok, prompts, "after sync")
     assert tuned != base
     del engine  # one vLLM instance at a time: free its KV cache before the next test
     gc.collect()
@@ -87,4 +89,31 @@ def test_pipeline_runs_with_the_vllm_engine(tmp_path):
     assert sess.engine.lora_request.lora_int_id == 2 + sum(r["metrics"]["train/skipped"] == 0 for r in rows)
     pipeline.clear_sessions()
     del sess
+    gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_vllm_full_finetuning_copies_the_weights_in_place():
+    from picorl.rollout.vllm import VLLMEngine
+
+    torch.manual_seed(0)
+    model, tok = models.load_model(models.EMBEDDED, device="cpu", dtype="float32")
+    prompts = [r["messages"] for r in data.eval_records(1, 4)]
+    hf = HFEngine(model, tok, progress=False)
+    # vLLM counts the whole process's memory against its share: earlier tests left some behind.
+    engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), gpu_memory_utilization=0.6,
+                        max_model_len=1024, dtype="float32", progress=False)
+    assert engine.lora_request is None
+    base = greedy_agree(hf, engine, model, tok, prompts, "base weights")
+    # Move every kind of weight: q/k/v and gate/up are fused in vLLM, and the embedding is
+    # tied to the output head, so a wrong name mapping leaves some of them stale.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.3)
+    engine.sync_weights(model)
+    tuned = greedy_agree(hf, engine, model, tok, prompts, "after an in-place sync")
+    assert tuned != base
+    del engine
     gc.collect()
