@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--difficulty", type=int, required=True, help="tier 1-10")
     g.add_argument("--n", type=int, required=True, help="number of tasks (>= 1)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--split", choices=["train", "eval"], default="train",
-                   help="train: never repeats a held-out string; eval: the fixed held-out set (seed 1234)")
+    g.add_argument("--split", choices=["train", "eval", "fresh"], default="train",
+                   help="train: never repeats a held-out string; eval: the fixed held-out set (seed 1234); "
+                        "fresh: strings the pipeline never generates, asked letters drawn uniformly")
     g.add_argument("--out", required=True, help="output .jsonl path")
     g.set_defaults(func=cmd_gen)
 

@@ -8,6 +8,8 @@ Same (split, difficulty, seed) -> same records on any machine: the RNG is seeded
 string (hashed with SHA-512 by `random`, so PYTHONHASHSEED does not matter) and the word
 list is sorted. Eval sets have fixed seeds in their own namespace, and training sets skip
 every string of the eval set at their difficulty, so no eval string is ever trained on.
+A `fresh` set comes from a namespace of its own, with the asked letters drawn uniformly from
+a-z: strings the pipeline never generated, to check that a held-out score holds beyond it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ EVAL_SEED = 1234
 # Eval sets are generated at this size and sliced, so a smaller eval is a prefix of a larger
 # one and the exclusion set of training data does not depend on how many items an eval uses.
 EVAL_POOL = 1024
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "fresh")
 
 
 class DataError(ValueError):
@@ -80,6 +82,24 @@ def train_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def fresh_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
+    """n tasks the pipeline never generates: their own RNG namespace, distinct strings none of
+    which is in the eval set, asked letters drawn uniformly from a-z."""
+    check_difficulty(difficulty)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n!r}")
+    seen = {r["string"] for r in eval_records(difficulty, EVAL_POOL)}
+    rng = _rng("fresh", difficulty, seed)
+    out = []
+    # Tier 1 has a few thousand short words; the 1024 held out leave enough for any fresh set here.
+    while len(out) < n:
+        task = make_task(rng, difficulty, uniform_letters=True)
+        if task["string"] not in seen:
+            seen.add(task["string"])
+            out.append(with_messages(task))
+    return out
+
+
 def generate(split: str, difficulty: int, n: int, seed: int) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -87,6 +107,8 @@ def generate(split: str, difficulty: int, n: int, seed: int) -> list[dict]:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if split == "eval":
         return eval_records(difficulty, n, seed)
+    if split == "fresh":
+        return fresh_records(difficulty, n, seed)
     return train_records(difficulty, n, seed)
 
 

@@ -22,6 +22,15 @@ def test_gen_writes_records(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 25
 
 
+def test_gen_fresh_split_writes_the_fresh_set(tmp_path, capsys):
+    from picorl import data
+
+    out = tmp_path / "d6-fresh.jsonl"
+    assert main(["gen", "--split", "fresh", "--difficulty", "6", "--n", "8", "--seed", "2", "--out", str(out)]) == 0
+    assert data.read_jsonl(out) == data.fresh_records(6, 8, seed=2)
+    assert json.loads(capsys.readouterr().out)["split"] == "fresh"
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--difficulty", "11", "--n", "5"], "difficulty must be an integer in 1-10, got 11"),
     (["--difficulty", "0", "--n", "5"], "got 0"),

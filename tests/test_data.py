@@ -37,6 +37,19 @@ def test_eval_sets_are_fixed_prefixes_and_distinct():
     assert data.eval_records(5, 16, seed=99) != small  # another seed is a fresh set
 
 
+@pytest.mark.parametrize("difficulty", [3, 6])
+def test_fresh_sets_hold_strings_the_pipeline_never_generates(difficulty):
+    fresh = data.generate("fresh", difficulty, 128, seed=0)
+    assert fresh == data.fresh_records(difficulty, 128) != data.fresh_records(difficulty, 128, seed=1)
+    strings = {r["string"] for r in fresh}
+    assert len(strings) == 128
+    assert not strings & {r["string"] for r in data.eval_records(difficulty, data.EVAL_POOL)}
+    if difficulty == 6:  # random strings: a training set repeating one would be a namespace bug
+        assert not strings & {r["string"] for r in data.train_records(difficulty, 2000)}
+    for r in fresh:
+        assert r["answer"] == {c: r["string"].count(c) for c in r["letters"]} and r["difficulty"] == difficulty
+
+
 def test_records_carry_fields_and_true_answers():
     for r in data.train_records(7, 30):
         assert set(r) == {"difficulty", "string", "letters", "answer", "messages"}

@@ -1,3 +1,4 @@
+import collections
 import json
 import random
 import time
@@ -42,6 +43,17 @@ def test_target_letters_lean_towards_present_letters():
     rng = random.Random(1)
     p3 = [c in t["string"] for t in (make_task(rng, 3) for _ in range(500)) for c in t["letters"]]
     assert 0.55 < sum(p3) / len(p3) < 0.95
+
+
+def test_uniform_letters_are_drawn_from_the_alphabet_not_the_string():
+    rng = random.Random(2)
+    tasks = [make_task(rng, 3, uniform_letters=True) for _ in range(500)]
+    present = [c in t["string"] for t in tasks for c in t["letters"]]
+    assert sum(present) / len(present) < 0.5  # leaning letters: 0.55-0.95 (above)
+    rng = random.Random(3)
+    asked = collections.Counter(c for _ in range(2000) for c in make_task(rng, 6, uniform_letters=True)["letters"])
+    expected = sum(asked.values()) / 26
+    assert len(asked) == 26 and all(0.85 * expected < v < 1.15 * expected for v in asked.values())
 
 
 def test_prompt_names_string_letters_and_format():

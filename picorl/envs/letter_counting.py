@@ -70,8 +70,13 @@ def _pick_letters(rng: random.Random, text: str, n: int) -> list[str]:
     return chosen
 
 
-def make_task(rng: random.Random, difficulty: int) -> dict:
-    """One task at `difficulty`: {'difficulty', 'string', 'letters', 'answer'}."""
+def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False) -> dict:
+    """One task at `difficulty`: {'difficulty', 'string', 'letters', 'answer'}.
+
+    Asked letters lean towards the string's own letters (as in the reference system), or with
+    `uniform_letters` are drawn uniformly from a-z: a check that a model counts rather than
+    leaning on how asked letters are usually chosen.
+    """
     lo, hi, p_multi, min_k, max_k, random_string = TIERS[check_difficulty(difficulty)]
     if random_string:
         text = "".join(rng.choice(_string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
@@ -80,7 +85,7 @@ def make_task(rng: random.Random, difficulty: int) -> dict:
     n = rng.randint(max(2, min_k), max_k) if rng.random() < p_multi else 1
     # Letters are distinct, so tiers 8-10 (up to 50 asked) are capped at the alphabet.
     n = min(n, len(_string.ascii_lowercase))
-    letters = _pick_letters(rng, text, n)
+    letters = rng.sample(_string.ascii_lowercase, n) if uniform_letters else _pick_letters(rng, text, n)
     return {"difficulty": difficulty, "string": text, "letters": letters,
             "answer": {c: text.count(c) for c in letters}}
 
