@@ -2,31 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
-import torch
+from picorl.machine import cpu_name, machine_name as machine  # noqa: F401 (the benches import them from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def machine() -> str:
-    """The GPU's name, else the CPU model and core count."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} x{os.cpu_count()}"
 
 
 def machine_tag(name: str) -> str:

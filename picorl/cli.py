@@ -1,4 +1,4 @@
-"""The `picorl` command: gen, eval, train.
+"""The `picorl` command: gen, eval, train, export, config.
 
 `train` hands over to the Prefect flow in flows/train.py; the library itself never imports
 prefect or mlflow.
@@ -90,6 +90,16 @@ def cmd_train(args) -> None:
         raise UsageError(str(e)) from None
 
 
+def cmd_export(args) -> None:
+    from picorl.export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, step=args.step)
+    except (FileNotFoundError, FileExistsError) as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({"out": str(out), **json.loads((out / "run.json").read_text())}))
+
+
 def config_table() -> str:
     """Every config knob as a markdown table (the README's reference section)."""
     from picorl.config import describe
@@ -131,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the training pipeline (Prefect flow, MLflow tracking)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="copy a finished run's report, final eval, adapter and timings to a results folder")
+    x.add_argument("--run-dir", required=True, help="the run folder (where `picorl train` wrote report.md)")
+    x.add_argument("--out", required=True, help="a new folder, e.g. results/2026-11-25-smollm2-curriculum")
+    x.add_argument("--step", type=int, default=None, help="the evaluated step to export (default: the last)")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="print every config key with its default and help, as markdown")
     c.set_defaults(func=cmd_config)

@@ -5,6 +5,7 @@ A run folder holds everything a run needs to continue after a crash:
     data/                        train_dN/ and eval_dN/ datasets, manifest.json, sample.jsonl
     checkpoints/step_N/          adapter + trainer state + state.json + history.jsonl
     evals/step_N.json            per-difficulty summaries and per-item completions
+    timings.jsonl                each step's wall time and machine, failed tries included
 
 Every step is idempotent: it starts from the latest checkpoint and returns at once when
 that checkpoint already covers it, so a retry or a resume continues where work stopped.
@@ -13,8 +14,10 @@ tracking layer logs the rows it has not logged yet, so each step is logged exact
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from picorl.config import Config, dump_yaml
 from picorl.curriculum import Curriculum
 from picorl.evaluate import evaluate_sets
 from picorl.faults import fault_point
+from picorl.machine import machine_name
 from picorl.plan import Chunk, train_difficulties
 from picorl.rollout.hf import HFEngine
 from picorl.sft import train_sft
@@ -69,6 +73,29 @@ def eval_row(result: dict) -> dict:
     for d, s in result["by_difficulty"].items():
         m[f"eval/acc_d{d}"], m[f"eval/partial_d{d}"], m[f"eval/format_d{d}"] = s["exact"], s["partial"], s["formatted"]
     return {"kind": "eval", "step": result["step"], "stage": result.get("stage"), "metrics": m}
+
+
+@contextlib.contextmanager
+def timed(run_dir, task: str, **fields):
+    """Append the step's wall time and machine to timings.jsonl when it ends, failed or not:
+    the run's compute budget counts every try, and a run may move between machines."""
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        row = {"task": task, **fields, "seconds": round(time.perf_counter() - t0, 2), "ok": ok,
+               "machine": machine_name()}
+        with open(Path(run_dir) / "timings.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_timings(run_dir) -> list[dict]:
+    path = Path(run_dir) / "timings.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 # ---------------------------------------------------------------- data
@@ -197,6 +224,11 @@ def run_sft(cfg: Config, run_dir, progress: bool = True) -> dict:
     latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
     if latest is not None:
         return {"skipped": True, "checkpoint": str(latest)}
+    with timed(run_dir, "sft"):
+        return _sft(cfg, run_dir, progress)
+
+
+def _sft(cfg: Config, run_dir, progress: bool) -> dict:
     sess = session_for(cfg)
     sess.fresh()
     sess.pristine = False  # training starts: a retry after a failure must reload
@@ -232,6 +264,11 @@ def run_chunk(cfg: Config, run_dir, chunk: Chunk, progress: bool = True) -> dict
     if info["step"] < chunk.start:
         raise RuntimeError(f"chunk {chunk.start}-{chunk.end} needs checkpoint step_{chunk.start}, "
                            f"latest is step_{info['step']}")
+    with timed(run_dir, "grpo", start=chunk.start, end=chunk.end):
+        return _chunk(cfg, run_dir, chunk, latest, info, progress)
+
+
+def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progress: bool) -> dict:
     sess = session_for(cfg)
     if sess.loaded != str(latest):
         sess.restore(latest)
@@ -275,6 +312,11 @@ def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
     ckpt = ckpt_root(run_dir) / f"step_{step}"
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint {ckpt} to evaluate (pruned? raise run.keep_checkpoints)")
+    with timed(run_dir, "eval", step=step):
+        return _eval(cfg, run_dir, step, ckpt, out, progress)
+
+
+def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool) -> dict:
     fault_point("eval", step)
     sess = session_for(cfg)
     if sess.loaded != str(ckpt):

@@ -124,4 +124,7 @@ def write_report(run: dict) -> dict:
     c = tracking.client()
     c.log_artifact(run["parent_run_id"], str(md))
     c.log_artifact(run["parent_run_id"], str(png))
+    timings = Path(run["run_dir"]) / "timings.jsonl"
+    if timings.is_file():
+        c.log_artifact(run["parent_run_id"], str(timings))
     return {"report": str(md), "curves": str(png)}

@@ -1,0 +1,82 @@
+"""Export a finished run folder as a results folder worth committing.
+
+    picorl export --run-dir outputs/gpu-curriculum-<stamp> --out results/<date>-smollm2-curriculum
+
+writes
+    report.md, curves.png      the run's report (the flow's last step writes them)
+    config.yaml                the resolved config the run trained with
+    final_eval.jsonl           the last greedy eval, one item per line: difficulty, string,
+                               letters, answer, completion (and the prediction and its grade)
+    adapter/                   the LoRA adapter of that step (adapter_config.json + safetensors),
+                               loadable by `picorl eval --adapter`
+    run.json                   the step, its accuracies, the machines and the wall time of each
+                               kind of step (from timings.jsonl: failed tries count too)
+
+Everything is written into a hidden folder beside `out` and renamed at the end, and `out`
+must not exist yet, so an export never leaves half a folder nor overwrites an earlier one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from picorl.data import write_jsonl
+from picorl.pipeline import ckpt_root, read_timings
+
+EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
+               "formatted")
+
+
+def final_eval(run_dir: Path, step: int | None = None) -> dict:
+    """The eval of `step`, or the run's last one."""
+    files = {int(p.stem[5:]): p for p in (run_dir / "evals").glob("step_*.json")}
+    if not files:
+        raise FileNotFoundError(f"{run_dir} has no evals/step_N.json: is it a run folder, and did an eval run?")
+    step = max(files) if step is None else step
+    if step not in files:
+        raise FileNotFoundError(f"{run_dir} has no eval of step {step}; evaluated steps: {sorted(files)}")
+    return json.loads(files[step].read_text())
+
+
+def time_summary(timings: list[dict]) -> dict:
+    """Seconds per kind of step; `training_minutes` is SFT + GRPO, every try counted."""
+    seconds = {kind: round(sum(t["seconds"] for t in timings if t["task"] == kind), 1) for kind in ("sft", "grpo", "eval")}
+    return {"seconds": seconds, "training_minutes": round((seconds["sft"] + seconds["grpo"]) / 60, 2),
+            "failed_tries": sum(not t["ok"] for t in timings),
+            "machines": sorted({t["machine"] for t in timings})}
+
+
+def export_run(run_dir, out, step: int | None = None) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: export into a new folder")
+    result = final_eval(run_dir, step)
+    step = result["step"]
+    adapter = ckpt_root(run_dir) / f"step_{step}" / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"no LoRA adapter for step {step} at {adapter} (pruned, or a full fine-tune?)")
+    needed = [run_dir / "config.yaml", run_dir / "report.md", run_dir / "curves.png"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing from the run folder: {', '.join(missing)} (the flow's report step writes "
+                                "report.md and curves.png)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for p in needed:
+            shutil.copy2(p, tmp / p.name)
+        (tmp / "adapter").mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter / name, tmp / "adapter" / name)
+        write_jsonl([{k: item.get(k) for k in EVAL_FIELDS} for item in result["items"]], tmp / "final_eval.jsonl")
+        summary = {"step": step, "exact": {f"d{d}": s["exact"] for d, s in result["by_difficulty"].items()},
+                   "n": {f"d{d}": s["n"] for d, s in result["by_difficulty"].items()},
+                   **time_summary(read_timings(run_dir))}
+        (tmp / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,89 @@
+"""`picorl export`: a finished run folder becomes a results folder, nothing half-written."""
+import json
+from pathlib import Path
+
+import pytest
+
+from picorl import data, pipeline, report
+from picorl.cli import main
+from picorl.config import load_config
+from picorl.faults import FaultInjected
+from picorl.plan import chunks
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The smoke pipeline's steps, run directly; one eval fails once and is retried."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(SMOKE, [])
+    pipeline.clear_sessions()
+    pipeline.prepare_run_dir(cfg, run_dir)
+    pipeline.build_data(cfg, run_dir)
+    pipeline.run_sft(cfg, run_dir, progress=False)
+    pipeline.run_eval(cfg, run_dir, 0, progress=False)
+    for c in chunks(cfg):
+        pipeline.run_chunk(cfg, run_dir, c, progress=False)
+        if c.eval_after:
+            if c.end == 2:
+                mp = pytest.MonkeyPatch()
+                mp.setenv("PICORL_FAULT", "eval:2")
+                with pytest.raises(FaultInjected):
+                    pipeline.run_eval(cfg, run_dir, c.end, progress=False)
+                mp.undo()
+            pipeline.run_eval(cfg, run_dir, c.end, progress=False)
+    report.write_report(cfg, pipeline.read_history(run_dir), pipeline.eval_rows(run_dir), run_dir)
+    pipeline.clear_sessions()
+    return run_dir
+
+
+def test_export_holds_report_final_eval_adapter_and_timings(finished_run, tmp_path, capsys):
+    out = tmp_path / "results" / "smoke"
+    assert main(["export", "--run-dir", str(finished_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "curves.png", "final_eval.jsonl",
+                                                     "report.md", "run.json"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    last = json.loads((finished_run / "evals" / "step_4.json").read_text())
+    items = data.read_jsonl(out / "final_eval.jsonl")
+    assert len(items) == 3 * 4 and [i["completion"] for i in items] == [i["completion"] for i in last["items"]]
+    assert {"difficulty", "string", "letters", "answer", "completion"} <= set(items[0])
+    run = json.loads((out / "run.json").read_text())
+    assert run["step"] == 4 and run["n"] == {"d3": 4, "d5": 4, "d6": 4}
+    assert run["exact"]["d6"] == last["by_difficulty"]["6"]["exact"]
+    # Every step was timed on this machine, the failed eval try included.
+    timings = pipeline.read_timings(finished_run)
+    assert [t["task"] for t in timings].count("grpo") == 2 and [t["ok"] for t in timings].count(False) == 1
+    assert run["failed_tries"] == 1 and len(run["machines"]) == 1
+    assert run["seconds"]["sft"] > 0 and run["seconds"]["grpo"] > 0
+    assert run["training_minutes"] == round((run["seconds"]["sft"] + run["seconds"]["grpo"]) / 60, 2)
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+
+
+def test_exported_adapter_loads_for_eval(finished_run, tmp_path):
+    from picorl import models
+
+    out = tmp_path / "exported"
+    main(["export", "--run-dir", str(finished_run), "--out", str(out), "--step", "2"])
+    assert json.loads((out / "run.json").read_text())["step"] == 2
+    model, _ = models.load_model("tiny-random-llama", device="cpu", dtype="float32")
+    assert hasattr(models.load_adapter(model, out / "adapter"), "peft_config")
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("exists", "already exists"),
+    ("step", "no eval of step 3; evaluated steps: [0, 2, 4]"),
+    ("not a run", "has no evals/step_N.json"),
+])
+def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case, msg):
+    out = tmp_path / "out"
+    args = ["export", "--run-dir", str(finished_run), "--out", str(out)]
+    if case == "exists":
+        out.mkdir()
+    elif case == "step":
+        args += ["--step", "3"]
+    else:
+        args[2] = str(tmp_path)
+    assert main(args) == 2
+    assert msg in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "exists" else [])
