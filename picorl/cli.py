@@ -94,8 +94,8 @@ def cmd_export(args) -> None:
     from picorl.export import export_run
 
     try:
-        out = export_run(args.run_dir, args.out, step=args.step)
-    except (FileNotFoundError, FileExistsError) as e:
+        out = export_run(args.run_dir, args.out, step=args.step, fresh=args.fresh)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
     print(json.dumps({"out": str(out), **json.loads((out / "run.json").read_text())}))
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run-dir", required=True, help="the run folder (where `picorl train` wrote report.md)")
     x.add_argument("--out", required=True, help="a new folder, e.g. results/2026-11-25-smollm2-curriculum")
     x.add_argument("--step", type=int, default=None, help="the evaluated step to export (default: the last)")
+    x.add_argument("--fresh", type=int, default=0, metavar="N",
+                   help="also evaluate the adapter on N fresh items per eval difficulty (fresh_eval.jsonl)")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="print every config key with its default and help, as markdown")

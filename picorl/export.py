@@ -11,6 +11,9 @@ writes
                                loadable by `picorl eval --adapter`
     run.json                   the step, its accuracies, the machines and the wall time of each
                                kind of step (from timings.jsonl: failed tries count too)
+    fresh_eval.jsonl           with --fresh N: the same adapter, greedy, on N fresh items per
+                               eval difficulty (`picorl gen --split fresh`: strings no run
+                               generates, letters drawn uniformly); run.json gets `fresh_exact`
 
 Everything is written into a hidden folder beside `out` and renamed at the end, and `out`
 must not exist yet, so an export never leaves half a folder nor overwrites an earlier one.
@@ -22,7 +25,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from picorl.data import write_jsonl
+from picorl.config import load_config
+from picorl.data import fresh_records, write_jsonl
 from picorl.pipeline import ckpt_root, read_timings
 
 EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
@@ -48,10 +52,23 @@ def time_summary(timings: list[dict]) -> dict:
             "machines": sorted({t["machine"] for t in timings})}
 
 
-def export_run(run_dir, out, step: int | None = None) -> Path:
+def fresh_eval(cfg, adapter: Path, n: int, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Greedy eval of the adapter on n fresh items per eval difficulty, decoded as the run's evals were."""
+    from picorl.evaluate import evaluate_sets
+    from picorl.models import load_for_config
+
+    model, tok = load_for_config(cfg, adapter=adapter)
+    sets = {d: fresh_records(d, n) for d in cfg.eval.difficulties}
+    return evaluate_sets(model, tok, sets, max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
+                         progress=progress)
+
+
+def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: bool = True) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: export into a new folder")
+    if fresh < 0:
+        raise ValueError(f"--fresh must be >= 0 items per difficulty, got {fresh}")
     result = final_eval(run_dir, step)
     step = result["step"]
     adapter = ckpt_root(run_dir) / f"step_{step}" / "adapter"
@@ -74,6 +91,11 @@ def export_run(run_dir, out, step: int | None = None) -> Path:
         summary = {"step": step, "exact": {f"d{d}": s["exact"] for d, s in result["by_difficulty"].items()},
                    "n": {f"d{d}": s["n"] for d, s in result["by_difficulty"].items()},
                    **time_summary(read_timings(run_dir))}
+        if fresh:
+            by_d, items = fresh_eval(load_config(run_dir / "config.yaml"), tmp / "adapter", fresh, progress)
+            write_jsonl([{k: item.get(k) for k in EVAL_FIELDS} for item in items], tmp / "fresh_eval.jsonl")
+            summary["fresh_exact"] = {f"d{d}": s["exact"] for d, s in by_d.items()}
+            summary["fresh_n"] = fresh
         (tmp / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         tmp.rename(out)
     except BaseException:

@@ -70,10 +70,22 @@ def test_exported_adapter_loads_for_eval(finished_run, tmp_path):
     assert hasattr(models.load_adapter(model, out / "adapter"), "peft_config")
 
 
+def test_export_fresh_evaluates_the_adapter_on_strings_no_run_generated(finished_run, tmp_path):
+    out = tmp_path / "with-fresh"
+    assert main(["export", "--run-dir", str(finished_run), "--out", str(out), "--fresh", "3"]) == 0
+    items = data.read_jsonl(out / "fresh_eval.jsonl")
+    expected = [r for d in (3, 5, 6) for r in data.fresh_records(d, 3)]
+    assert [(i["string"], i["letters"]) for i in items] == [(r["string"], r["letters"]) for r in expected]
+    run = json.loads((out / "run.json").read_text())
+    assert run["fresh_n"] == 3 and set(run["fresh_exact"]) == {"d3", "d5", "d6"}
+    assert run["fresh_exact"]["d3"] == sum(i["exact"] for i in items[:3]) / 3
+
+
 @pytest.mark.parametrize("case,msg", [
     ("exists", "already exists"),
     ("step", "no eval of step 3; evaluated steps: [0, 2, 4]"),
     ("not a run", "has no evals/step_N.json"),
+    ("fresh", "--fresh must be >= 0 items per difficulty, got -1"),
 ])
 def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case, msg):
     out = tmp_path / "out"
@@ -82,6 +94,8 @@ def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case,
         out.mkdir()
     elif case == "step":
         args += ["--step", "3"]
+    elif case == "fresh":
+        args += ["--fresh", "-1"]
     else:
         args[2] = str(tmp_path)
     assert main(args) == 2
