@@ -69,33 +69,29 @@ def eval_records(difficulty: int, n: int, seed: int = EVAL_SEED) -> list[dict]:
 
 def train_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     """n training tasks at `difficulty`, none of whose strings is in the eval set."""
-    check_difficulty(difficulty)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n!r}")
-    held_out = {r["string"] for r in eval_records(difficulty, EVAL_POOL)}
-    rng = _rng("train", difficulty, seed)
-    out = []
-    while len(out) < n:
-        task = make_task(rng, difficulty)
-        if task["string"] not in held_out:
-            out.append(with_messages(task))
-    return out
+    return _draw_outside_eval("train", difficulty, n, seed)
 
 
 def fresh_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     """n tasks the pipeline never generates: their own RNG namespace, distinct strings none of
     which is in the eval set, asked letters drawn uniformly from a-z."""
+    # Tier 1 has a few thousand short words; the 1024 held out leave enough for any fresh set here.
+    return _draw_outside_eval("fresh", difficulty, n, seed, distinct=True, uniform_letters=True)
+
+
+def _draw_outside_eval(namespace: str, difficulty: int, n: int, seed: int, *, distinct: bool = False,
+                       uniform_letters: bool = False) -> list[dict]:
     check_difficulty(difficulty)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n!r}")
-    seen = {r["string"] for r in eval_records(difficulty, EVAL_POOL)}
-    rng = _rng("fresh", difficulty, seed)
+    skip = {r["string"] for r in eval_records(difficulty, EVAL_POOL)}
+    rng = _rng(namespace, difficulty, seed)
     out = []
-    # Tier 1 has a few thousand short words; the 1024 held out leave enough for any fresh set here.
     while len(out) < n:
-        task = make_task(rng, difficulty, uniform_letters=True)
-        if task["string"] not in seen:
-            seen.add(task["string"])
+        task = make_task(rng, difficulty, uniform_letters=uniform_letters)
+        if task["string"] not in skip:
+            if distinct:
+                skip.add(task["string"])
             out.append(with_messages(task))
     return out
 
