@@ -27,10 +27,11 @@ the prompt: the token copied, then its letters.
     </think>
     <answer>{"e": 2, "o": 2}</answer>
 
-Why: the model reads the string as multi-letter tokens, and the 135M model's cot misses
-are mostly misspellings (it loses its place inside a token). Here the place is explicit:
-copying the next token is a lookup of the prompt, and spelling it needs only that token,
-right before. The line's token is the same token id as in the prompt (it follows a newline,
+Why it was tried: the model reads the string as multi-letter tokens, and the 135M model's
+cot misses are mostly misspellings. Here the place in the string is explicit: copying the
+next token is a lookup of the prompt, and spelling it needs only that token, right before.
+What it showed (README, Chain-of-thought SFT): at d3 it scores as cot does, every token is
+copied right, and the misses spell a token wrong; so cot, shorter, stays the default. The line's token is the same token id as in the prompt (it follows a newline,
 as the string follows a quote). The line heads cost tokens: over the first 64 held-out
 items 46 on average (67 at most) against cot's 35 at d3, and 265 (345 at most) against
 157 at d6.
