@@ -27,7 +27,7 @@ from pathlib import Path
 
 from picorl.config import load_config
 from picorl.data import fresh_records, write_jsonl
-from picorl.pipeline import ckpt_root, read_timings
+from picorl.pipeline import ckpt_root, eval_engine, read_timings
 
 EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
                "formatted")
@@ -59,8 +59,16 @@ def fresh_eval(cfg, adapter: Path, n: int, progress: bool = True) -> tuple[dict,
 
     model, tok = load_for_config(cfg, adapter=adapter)
     sets = {d: fresh_records(d, n) for d in cfg.eval.difficulties}
-    return evaluate_sets(model, tok, sets, max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
-                         progress=progress)
+    return evaluate_sets(model, tok, sets, max_tokens=cfg.eval.max_tokens,
+                         engine=eval_engine(cfg, model, tok, progress))
+
+
+def eval_lines(items: list[dict]) -> list[dict]:
+    return [{k: item.get(k) for k in EVAL_FIELDS} for item in items]
+
+
+def per_difficulty(by_d: dict, key: str) -> dict:
+    return {f"d{d}": s[key] for d, s in by_d.items()}
 
 
 def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: bool = True) -> Path:
@@ -87,14 +95,13 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
         (tmp / "adapter").mkdir()
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(adapter / name, tmp / "adapter" / name)
-        write_jsonl([{k: item.get(k) for k in EVAL_FIELDS} for item in result["items"]], tmp / "final_eval.jsonl")
-        summary = {"step": step, "exact": {f"d{d}": s["exact"] for d, s in result["by_difficulty"].items()},
-                   "n": {f"d{d}": s["n"] for d, s in result["by_difficulty"].items()},
-                   **time_summary(read_timings(run_dir))}
+        write_jsonl(eval_lines(result["items"]), tmp / "final_eval.jsonl")
+        summary = {"step": step, "exact": per_difficulty(result["by_difficulty"], "exact"),
+                   "n": per_difficulty(result["by_difficulty"], "n"), **time_summary(read_timings(run_dir))}
         if fresh:
             by_d, items = fresh_eval(load_config(run_dir / "config.yaml"), tmp / "adapter", fresh, progress)
-            write_jsonl([{k: item.get(k) for k in EVAL_FIELDS} for item in items], tmp / "fresh_eval.jsonl")
-            summary["fresh_exact"] = {f"d{d}": s["exact"] for d, s in by_d.items()}
+            write_jsonl(eval_lines(items), tmp / "fresh_eval.jsonl")
+            summary["fresh_exact"] = per_difficulty(by_d, "exact")
             summary["fresh_n"] = fresh
         (tmp / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
         tmp.rename(out)

@@ -304,6 +304,13 @@ def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progres
 # ---------------------------------------------------------------- evals
 
 
+def eval_engine(cfg: Config, model, tokenizer, progress: bool = True) -> HFEngine:
+    """Evals always decode with transformers (the reference measurement, whatever trains), with
+    the run's cache and compile switches."""
+    return HFEngine(model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
+                    cache=cfg.rollout.hf_cache, compile=cfg.rollout.hf_compile)
+
+
 def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
     """Greedy eval of checkpoint step_N on the held-out sets; writes evals/step_N.json."""
     out = Path(run_dir) / "evals" / f"step_{step}.json"
@@ -323,11 +330,8 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
         sess.restore(ckpt)
     info = json.loads((ckpt / "state.json").read_text())
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
-    # Evals always decode with transformers (the reference measurement, whatever trains), with
-    # the run's cache and compile switches.
-    engine = HFEngine(sess.model, sess.tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
-                      cache=cfg.rollout.hf_cache, compile=cfg.rollout.hf_compile)
-    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens, engine=engine)
+    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
+                                engine=eval_engine(cfg, sess.model, sess.tokenizer, progress))
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
               "items": items}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,9 +63,9 @@ class InverseCDFSampler(LogitsProcessor):
     `torch.multinomial` draws one exponential random number per vocabulary entry: 3M of
     them per decode step at 64 sequences x SmolLM2's 49k vocabulary, 63 ms on a 2-core CPU.
     Inverting the cumulative distribution needs one uniform per sequence and costs about
-    1.5 ms. The tokens follow the same distribution (temperature,
-    then top-p, as `generate` would apply them); a given seed draws different ones.
-    `generate` runs with do_sample=False, so its argmax picks the sampled token.
+    1.5 ms. The tokens follow the same distribution (temperature, then top-p, as `generate`
+    would apply them); a given seed draws different ones. `generate` runs with
+    do_sample=False, so its argmax picks the sampled token.
     """
 
     def __init__(self, temperature: float, top_p: float):
