@@ -19,8 +19,32 @@ from tasks import pipeline_tasks as t
 from tasks import tracking
 
 
-def open_run(cfg, resume: str | None) -> dict:
-    """The MLflow parent run and run folder: new, or those of the run being resumed."""
+def check_model_config(cfg) -> None:
+    """The model resolves and its LoRA targets exist, checked from its config before any work."""
+    from picorl import models
+    try:
+        models.check_model(cfg.model)
+    except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
+    """A resumed run keeps the config it started with: an override that would change it is refused."""
+    from picorl.config import flatten, parse_override, to_dict
+
+    kept = flatten(to_dict(run_cfg))
+    changed = []
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key not in kept or kept[key] != value:
+            changed.append(f"{key} ({kept.get(key, 'not a key')!r} -> {value!r})")
+    if changed:
+        raise ConfigError(f"--resume keeps the run's own config; these --set values would change it: "
+                          f"{', '.join(changed)}. Drop them, or start a new run")
+
+
+def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, pipeline.RunLock]:
+    """The MLflow parent run and run folder (new, or those of the run being resumed), locked."""
     c = tracking.client()
     flow_run_id = str(runtime.flow_run.id or "local")
     if resume:
@@ -31,24 +55,31 @@ def open_run(cfg, resume: str | None) -> dict:
         run_dir = parent.data.tags.get("picorl.run_dir")
         if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
+        refuse_changes_on_resume(load_config(Path(run_dir) / "config.yaml"), overrides)
+        lock = pipeline.RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
         c.update_run(resume, status="RUNNING")
         tracking.set_tags(c, resume, {"prefect.flow_run_id": flow_run_id})
-        return {"run_dir": run_dir, "parent_run_id": resume}
+        return {"run_dir": run_dir, "parent_run_id": resume}, lock
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir).resolve() / f"{cfg.run.name}-{stamp}-{flow_run_id[:8]}"
     pipeline.prepare_run_dir(cfg, run_dir)
+    lock = pipeline.RunLock(run_dir)
     exp = tracking.experiment_id(c, cfg.run.experiment)
     parent = c.create_run(exp, run_name=cfg.run.name, tags={
         "prefect.flow_run_id": flow_run_id, "picorl.run_dir": str(run_dir), "picorl.parent": "true"})
     tracking.log_config(c, parent.info.run_id, cfg)
     c.log_artifact(parent.info.run_id, str(run_dir / "config.yaml"))
-    return {"run_dir": str(run_dir), "parent_run_id": parent.info.run_id}
+    return {"run_dir": str(run_dir), "parent_run_id": parent.info.run_id}, lock
 
 
 @flow(name="picorl-train")
 def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)  # validated before any task runs
-    run = open_run(cfg, resume)
+    check_model_config(cfg)
+    try:
+        run, lock = open_run(cfg, resume, overrides)
+    except pipeline.RunLocked as e:
+        raise ConfigError(str(e)) from None
     cfg = t.run_config(run)  # a resumed run keeps the config it started with
     opts = dict(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s)
     try:
@@ -66,6 +97,8 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
         except Exception as e:  # e.g. MLflow itself is down: the original error matters more
             print(f"could not mark MLflow run {run['parent_run_id']} FAILED: {e}")
         raise
+    finally:
+        lock.release()
     tracking.finish(tracking.client(), run["parent_run_id"], "FINISHED")
     c = tracking.client()
     print(f"report: {out['report']}")

@@ -17,9 +17,35 @@ class UsageError(Exception):
     """An input problem the user can fix; printed as one line, exit status 2."""
 
 
+def check_out(path: str, force: bool) -> None:
+    """Refuse an --out that is not a new or replaceable regular file, before any work."""
+    import os
+    import stat
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise UsageError(f"--out {path}: {e.strerror or e}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UsageError(f"--out {path} exists and is {kind}; write to a new file path")
+    if mode is not None and not force:
+        raise UsageError(f"--out {path} exists; pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {path}: folder {parent} is not writable")
+
+
 def cmd_gen(args) -> None:
     from picorl import data
 
+    check_out(args.out, args.force)
     try:
         records = data.generate(args.split, args.difficulty, args.n, args.seed)
     except ValueError as e:
@@ -35,15 +61,22 @@ def cmd_gen(args) -> None:
 def cmd_eval(args) -> None:
     from picorl import data, evaluate, models
 
+    check_out(args.out, args.force)
+    for flag in ("max_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     try:
         records = data.read_jsonl(args.data)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     try:
+        if args.adapter:
+            models.check_adapter(args.adapter)  # before minutes of loading the base model
+        models.pick_device(args.device)  # a missing CUDA device is named before anything loads
         model, tok = models.load_model(args.model, device=args.device, dtype=args.dtype)
         if args.adapter:
             model = models.load_adapter(model, args.adapter)
-    except models.ModelNotFoundError as e:
+    except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         raise UsageError(str(e)) from None
     summary, items = evaluate.evaluate_records(model, tok, records, max_tokens=args.max_tokens,
                                                batch_size=args.batch_size)
@@ -70,24 +103,69 @@ def dry_run(args) -> int:
     return 0
 
 
+# A fresh Prefect home migrates its database before the local API server answers: 20-60 s
+# on 2 cores, past Prefect's own 20 s default. These apply only where the user set nothing.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the server's startup telemetry call
+    "DO_NOT_TRACK": "1",  # the client's telemetry; both fail slowly with no network
+}
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def prefect_environment(environ=None) -> dict:
+    """Set PREFECT_DEFAULTS where unset (before prefect is imported); returns what was set."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    applied = {k: v for k, v in PREFECT_DEFAULTS.items() if k not in environ}
+    environ.update(applied)
+    return applied
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is, so that the same clean-up runs."""
+
+
+def terminate_as_interrupt(signum, frame):
+    """SIGTERM ends a run as Ctrl-C does: the flow marks its MLflow run and Prefect stops its server."""
+    raise Terminated(f"signal {signum}")
+
+
 def cmd_train(args) -> None:
+    import os
+    import signal
+
     from picorl.config import ConfigError, load_config
 
+    from picorl import models
     try:
-        load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
-    except ConfigError as e:
+        cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
+        models.check_model(cfg.model)  # from the model's config: no weights are loaded
+    except (ConfigError, models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         raise UsageError(str(e)) from None
     if args.dry_run:
         dry_run(args)
         return
+    prefect_environment()
     try:
         from flows.train import train
     except ImportError as e:
         raise UsageError(f"`picorl train` runs the Prefect flow and needs prefect and mlflow installed: {e}") from None
+    if not os.environ.get("PREFECT_API_URL"):
+        print(f"starting Prefect's local API server (a first start can take a minute; "
+              f"waiting up to {os.environ[STARTUP_TIMEOUT]} s)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, terminate_as_interrupt)
     try:
         train(config_path=args.config, overrides=args.set, resume=args.resume)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        raise UsageError(f"Prefect's local API server did not answer within {os.environ[STARTUP_TIMEOUT]} s; "
+                         f"set {STARTUP_TIMEOUT} higher, or PREFECT_API_URL to a running server "
+                         f"({str(e).splitlines()[0][:300]})") from None
 
 
 def cmd_export(args) -> None:
@@ -124,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=["train", "eval", "fresh"], default="train",
                    help="train: never repeats a held-out string; eval: the fixed held-out set (seed 1234); "
                         "fresh: strings the pipeline never generates, asked letters drawn uniformly")
-    g.add_argument("--out", required=True, help="output .jsonl path")
+    g.add_argument("--out", required=True, help="output .jsonl path (a new file; see --force)")
+    g.add_argument("--force", action="store_true", help="replace --out if it is an existing file")
     g.set_defaults(func=cmd_gen)
 
     e = sub.add_parser("eval", help="greedy evaluation of a model (+ adapter) on a JSONL set")
@@ -132,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="LoRA adapter folder (adapter_config.json + safetensors)")
     e.add_argument("--data", required=True, help="JSONL with string, letters, answer per line")
     e.add_argument("--out", required=True, help="JSONL of the input records with completion and prediction")
+    e.add_argument("--force", action="store_true", help="replace --out if it is an existing file")
     e.add_argument("--max-tokens", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -162,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"picorl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the run folder and MLflow run are marked; no traceback
+        terminated = isinstance(e, Terminated)
+        print(f"picorl {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (15 if terminated else 2)
     return 0
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import random
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -111,6 +112,12 @@ def generate(split: str, difficulty: int, n: int, seed: int) -> list[dict]:
 # ---------------------------------------------------------------- JSONL files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a file so that readers see the old content or the new, never half of it."""
     path = Path(path)
@@ -119,6 +126,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         raise OSError(f"cannot write {path}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        # mkstemp makes the file 0600; a replaced file keeps its mode, a new one gets the umask's.
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -145,6 +154,8 @@ def _check_record(r, where: str) -> dict:
     letters = r["letters"]
     if not isinstance(letters, list) or not letters or not all(isinstance(c, str) and len(c) == 1 for c in letters):
         raise DataError(f"{where}: 'letters' must be a non-empty list of single characters")
+    if len(set(letters)) != len(letters):
+        raise DataError(f"{where}: 'letters' names a letter twice: {letters}")
     answer = r["answer"]
     if not isinstance(answer, dict) or set(answer) != set(letters) or \
             not all(type(v) is int for v in answer.values()):
@@ -162,8 +173,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     out = []
-    with path.open() as f:
-        for i, line in enumerate(f, start=1):
+    with path.open(encoding="utf-8") as f:
+        lines = enumerate(f, start=1)
+        while True:
+            try:
+                i, line = next(lines)
+            except StopIteration:
+                break
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not a UTF-8 text file (JSONL expected)") from None
             if not line.strip():
                 continue
             try:

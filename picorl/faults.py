@@ -3,6 +3,7 @@
 Armed by environment variables, so a test can arm a subprocess it is about to kill:
     PICORL_FAULT="update:3"          raise FaultInjected after update 3 (before its checkpoint)
     PICORL_FAULT="checkpoint:4:kill" SIGKILL this process while checkpoint step_4 is being written
+    PICORL_FAULT="update:1:hang"     stop after update 1 until a signal arrives (to test signals mid-run)
     PICORL_FAULT_MARKER=/tmp/fired   fire only once: the marker file is created when it fires,
                                      and an existing marker disarms the fault (so a retry succeeds)
 Points: sft (after SFT step N), rollout (after the rollouts of update N), update (after update N), checkpoint (mid-write of step_N),
@@ -34,4 +35,6 @@ def fault_point(name: str, step: int) -> None:
         Path(marker).write_text(spec)
     if len(parts) > 2 and parts[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if len(parts) > 2 and parts[2] == "hang":
+        signal.pause()
     raise FaultInjected(f"injected fault at {name} step {step}")

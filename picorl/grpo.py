@@ -58,6 +58,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     return centred.view(-1), zero_var
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to float32 for the log-softmax over the vocabulary; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_logprobs(model, input_ids, attention_mask, completion_mask):
     """Log-probs of the completion tokens of a left-padded batch: returns (logp, mask), (batch, K).
 
@@ -68,8 +73,8 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
     k = max(int(completion_mask.sum(1).max().item()), 1)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads must not shift positions
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=k + 1).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
+                   logits_to_keep=k + 1).logits[:, :-1]
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
     mask = completion_mask[:, -k:]
     return logp * mask, mask
 
@@ -146,8 +151,8 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     logits = model(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
                    position_ids=positions, past_key_values=cache, use_cache=True).logits
     # Token t is predicted by position t-1; the first by the prompt's last position.
-    logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1).float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)
+    logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1)
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)
     mask = mask.float()
     return logp * mask, mask
 

@@ -27,6 +27,14 @@ class ModelNotFoundError(FileNotFoundError):
     """No model under that name; the message says what was looked for and where."""
 
 
+class NoDeviceError(RuntimeError):
+    """The asked-for device is not on this machine."""
+
+
+class BadModelError(ValueError):
+    """A model or adapter folder is there but unreadable; the message names the file."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PICORL_CACHE", Path.home() / ".cache" / "picorl"))
 
@@ -109,7 +117,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device=cuda but no CUDA device is available")
+        raise NoDeviceError("model.device=cuda (or --device cuda) but no CUDA device is available")
     return torch.device(device)
 
 
@@ -191,17 +199,71 @@ def add_lora(model, *, rank: int = 32, alpha: int = 64, dropout: float = 0.0, ta
     return get_peft_model(model, cfg)
 
 
+def check_adapter(adapter_dir: str | Path) -> dict:
+    """The adapter's config, after checking its two files are there and readable (no weights loaded)."""
+    import json
+
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    cfg_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"no adapter at {adapter_dir}: adapter_config.json not found")
+    if not weights.is_file():
+        raise ModelNotFoundError(f"no adapter weights at {adapter_dir}: adapter_model.safetensors "
+                                 "not found (pickled .bin adapters are not loaded)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadModelError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "r" not in cfg or "target_modules" not in cfg:
+        raise BadModelError(f"{cfg_file}: not a LoRA adapter config (no 'r' or 'target_modules')")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a garbage header
+        raise BadModelError(f"{weights}: not a safetensors file ({e})") from None
+    return cfg
+
+
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """Attach a saved adapter (safetensors only) to a base model."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelNotFoundError(f"no adapter at {adapter_dir}: adapter_config.json not found")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ModelNotFoundError(f"no adapter weights at {adapter_dir}: adapter_model.safetensors "
-                                 "not found (pickled .bin adapters are not loaded)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    check_adapter(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (ValueError, KeyError, RuntimeError) as e:  # e.g. modules the base model lacks, wrong shapes
+        raise BadModelError(f"adapter {adapter_dir} does not fit this model: {str(e).splitlines()[0][:300]}") from None
+
+
+def module_names(name: str, trust_remote_code: bool = False) -> set[str]:
+    """Last components of every module name of model `name`, from its config alone (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name == TINY:
+        return {n.rsplit(".", 1)[-1] for n, _ in tiny_llama(64, hidden_size=8, intermediate_size=8,
+                                                              num_attention_heads=2, num_key_value_heads=1,
+                                                              num_hidden_layers=1).named_modules()}
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadModelError(f"model '{name}': its config.json cannot be read ({str(e).splitlines()[0][:300]})") from None
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+
+
+def check_model(model_cfg) -> None:
+    """Before any work: the device exists, the model resolves, and every LoRA target module exists in it."""
+    pick_device(model_cfg.device)
+    names = module_names(model_cfg.name, model_cfg.trust_remote_code)
+    if model_cfg.lora.enabled:
+        missing = [t for t in model_cfg.lora.target_modules if t not in names]
+        if missing:
+            raise BadModelError(f"model.lora.target_modules: {missing} not found in {model_cfg.name} "
+                                f"(it has e.g. {sorted(n for n in names if n.endswith('proj'))})")
 
 
 def load_for_config(cfg, adapter: str | Path | None = None):

@@ -49,3 +49,52 @@ def test_gen_unwritable_path_fails_cleanly(tmp_path):
     r = run_cli("gen", "--difficulty", "2", "--n", "3", "--out", str(out))
     assert r.returncode != 0 and "missing-dir" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gen_refuses_an_existing_file_unless_forced_and_keeps_its_mode(tmp_path):
+    import os
+    out = tmp_path / "d.jsonl"
+    out.write_text("keep me\n")
+    os.chmod(out, 0o644)
+    r = run_cli("gen", "--difficulty", "2", "--n", "3", "--out", str(out))
+    assert r.returncode == 2 and "exists; pass --force to replace it" in r.stderr
+    assert out.read_text() == "keep me\n"
+    r = run_cli("gen", "--difficulty", "2", "--n", "3", "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 3 and (out.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_new_output_file_gets_the_umask_mode_not_0600(tmp_path):
+    import os
+    out = tmp_path / "new.jsonl"
+    mask = os.umask(0o022)
+    try:
+        assert main(["gen", "--difficulty", "2", "--n", "2", "--out", str(out)]) == 0
+    finally:
+        os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "device"])
+def test_gen_never_replaces_what_is_not_a_regular_file(tmp_path, kind):
+    import os
+    import stat
+    target = tmp_path / "target.jsonl"
+    target.write_text("linked\n")
+    out = tmp_path / "out"
+    if kind == "symlink":
+        out.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "folder":
+        out.mkdir()
+    else:
+        out = "/dev/null"
+    r = run_cli("gen", "--difficulty", "2", "--n", "3", "--out", str(out), "--force")
+    assert r.returncode == 2 and "write to a new file path" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert target.read_text() == "linked\n"
+    if kind == "fifo":
+        assert stat.S_ISFIFO(os.lstat(out).st_mode)
+    if kind == "device":
+        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

@@ -50,10 +50,52 @@ def test_yaml_then_overrides(tmp_path):
     ("", ["rollout.hf_cache=paged"], r"rollout.hf_cache='paged' is not one of dynamic, static"),
     ("", ["rollout.hf_compile=true"], r"rollout.hf_compile=true needs rollout.hf_cache=static, got 'dynamic'"),
     ("- 1\n", [], r"expected a mapping"),
+    ("", ["grpo.lr=.inf"], r"grpo.lr: expected a finite number, got inf"),
+    ("", ["rollout.temperature=.nan"], r"rollout.temperature: expected a finite number, got nan"),
+    ("grpo:\n  max_grad_norm: .inf\n", [], r"grpo.max_grad_norm: expected a finite number"),
+    ("", ["reward.format_bonus=-.inf"], r"reward.format_bonus: expected a finite number"),
+    ("", ["model.lora.target_modules=[]"], r"model.lora.target_modules: expected a non-empty list, got \[\]"),
+    ("", ["model.lora.target_modules=[q_proj, 3]"], r"target_modules: every item must be str, got 3"),
+    ("", ["sft.difficulties=[]"], r"sft.difficulties: expected a non-empty list"),
+    ("", ["eval.difficulties=[]"], r"eval.difficulties: expected a non-empty list"),
+    ("", ["eval.difficulties=[true]"], r"eval.difficulties: every item must be int, got True"),
+    ("", ["run.name=../escaped"], r"run.name='../escaped' must be a plain name"),
+    ("", ["run.name=a/b"], r"run.name='a/b' must be a plain name"),
+    ("", ["run.name.x=1"], r"run.name: expected str"),
+    ("grpo:\n  lr: 1.0e-5\n", ["grpo.lr.x=1"], r"override 'grpo.lr.x': 'grpo.lr' is a value, not a section"),
+    ("model:\n  lora:\n    target_modules: &a [q_proj]\nsft:\n  difficulties: *a\n", [],
+     r"YAML alias \*a \(line 5\): aliases are not accepted"),
+    ("", ["model.lora.target_modules=[&a q_proj, *a]"], r"YAML alias \*a"),
 ])
 def test_bad_configs_name_key_and_value(tmp_path, yaml_text, overrides, msg):
     with pytest.raises(ConfigError, match=msg):
-        load_config(write(tmp_path, yaml_text), overrides)
+        load_config(write(tmp_path, yaml_text) if yaml_text else None, overrides)
+
+
+def test_an_empty_or_binary_config_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml is empty: a config file must set something"):
+        load_config(write(tmp_path, "# nothing here\n"))
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not a text file"):
+        load_config(p)
+
+
+def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads `1e-5` as a string; `--set grpo.lr=1e-5` already meant the float.
+    cfg = load_config(write(tmp_path, "grpo:\n  lr: 1e-5\nsft:\n  lr: 2E-4\n"))
+    assert cfg.grpo.lr == 1e-5 and cfg.sft.lr == 2e-4
+    with pytest.raises(ConfigError, match=r"grpo.lr: expected float, got '1e-5x'"):
+        load_config(write(tmp_path, "grpo:\n  lr: 1e-5x\n"))
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    levels = ["a0: &a0 [q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj]"]
+    levels += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 7)]
+    p = write(tmp_path, "\n".join(levels) + "\n")
+    # Refused at the first alias, while parsing: expanded it would be 9 x 6^6 = 420k items.
+    with pytest.raises(ConfigError, match=r"YAML alias \*a0 \(line 2\)"):
+        load_config(p)
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -44,3 +44,61 @@ def test_eval_on_embedded_model_end_to_end(tmp_path):
         assert {k: i[k] for k in s} == s and isinstance(i["completion"], str) and i["completion"]
         assert "prediction" in i and i["exact"] in (0.0, 1.0)
     assert summary["exact"] == sum(i["exact"] for i in items) / 6
+
+
+def write_records(tmp_path, records, name="in.jsonl"):
+    p = tmp_path / name
+    data.write_jsonl(records, p)
+    return p
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_eval_bad_numbers_are_one_line(tmp_path, args, msg):
+    r = run_cli("eval", "--model", "tiny-random-llama", "--data", str(write_records(tmp_path, data.eval_records(1, 2))),
+                "--out", str(tmp_path / "o.jsonl"), *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_into_a_missing_folder_fails_before_any_work(tmp_path):
+    r = run_cli("eval", "--model", "does-not-exist", "--data", str(tmp_path / "nope.jsonl"),
+                "--out", str(tmp_path / "missing" / "o.jsonl"))
+    # The output folder is checked first: neither the missing data nor the model was looked at.
+    assert r.returncode == 2 and "folder" in r.stderr and "missing" in r.stderr and "nope.jsonl" not in r.stderr
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"\xff\xfe\x00binary", "not a UTF-8 text file"),
+    (json.dumps({"string": "aab", "letters": ["a", "a"], "answer": {"a": 2}}).encode() + b"\n", "names a letter twice"),
+])
+def test_eval_bad_data_files_are_one_line(tmp_path, content, msg):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(content)
+    r = run_cli("eval", "--model", "tiny-random-llama", "--data", str(p), "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config,weights,msg", [
+    ("{not json", None, "adapter_config.json: not valid JSON"),
+    ('{"r": 4, "target_modules": ["q_proj"]}', b"garbage", "adapter_model.safetensors: not a safetensors file"),
+    ('{"hello": 1}', None, "not a LoRA adapter config"),
+])
+def test_eval_bad_adapters_are_one_line(tmp_path, config, weights, msg):
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_config.json").write_text(config)
+    (a / "adapter_model.safetensors").write_bytes(weights or b"")
+    r = run_cli("eval", "--model", "tiny-random-llama", "--adapter", str(a),
+                "--data", str(write_records(tmp_path, data.eval_records(1, 2))), "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_eval_on_cuda_without_cuda_is_one_line(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run_cli("eval", "--model", "tiny-random-llama", "--device", "cuda",
+                "--data", str(write_records(tmp_path, data.eval_records(1, 2))), "--out", str(tmp_path / "o.jsonl"))
+    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -107,9 +107,16 @@ def test_parse_several_letters(body, ok):
     assert p.formatted is ok
 
 
-def test_negative_json_count_is_formatted_but_wrong():
+def test_negative_json_count_is_unformatted_as_it_is_alone():
+    # A count is never negative: `-3` for one letter is unformatted, and so is -3 inside JSON.
     g = grade('<answer>{"a": -3, "n": 2}</answer>', ["a", "n"], {"a": 3, "n": 2})
-    assert g["formatted"] == 1.0 and g["exact"] == 0.0 and g["partial"] == 0.5
+    assert g["formatted"] == 0.0 and g["exact"] == 0.0 and g["partial"] == 0.0
+    assert not parse_answer("<answer>-3</answer>", ["a"]).formatted
+
+
+def test_grading_no_letters_is_an_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match="the task asks for no letters"):
+        grade("<answer>{}</answer>", [], {})
 
 
 def test_rewards():

@@ -164,3 +164,87 @@ def test_two_runs_at_once_stay_apart(tmp_path):
     for p in parents:
         assert p.info.status == "FINISHED"
         assert steps(c, p.info.run_id, "train/reward_mean") == [1, 2, 3, 4]
+
+
+def test_the_cli_sets_prefect_defaults_only_where_unset():
+    from picorl.cli import PREFECT_DEFAULTS, prefect_environment
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}
+    applied = prefect_environment(env)
+    assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "30"  # the user's value stands
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in applied
+    assert env["DO_NOT_TRACK"] == "1" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert int(PREFECT_DEFAULTS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 90
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    marker = tmp_path / "hanging"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PICORL_FAULT": "update:1:hang",
+           "PICORL_FAULT_MARKER": str(marker)}
+    for k in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL"):
+        env.pop(k, None)  # the CLI's own defaults must carry a fresh Prefect home
+    log = open(tmp_path / "train.log", "w")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "picorl"), "train", "--config", SMOKE,
+                          "--set", f"run.output_dir={tmp_path / 'out'}"],
+                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not marker.exists():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)  # to the CLI alone, as a service manager would
+        assert p.wait(120) == 143, (tmp_path / "train.log").read_text()[-3000:]
+        text = (tmp_path / "train.log").read_text()
+        assert "picorl train: terminated" in text and "Traceback" not in text
+        assert "starting Prefect's local API server" in text
+        deadline = time.time() + 30
+        while True:  # the ephemeral server, a child in the same session, is gone too
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
+                                                          capture_output=True, text=True).stdout
+            time.sleep(0.5)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (parent,) = c.search_runs([c.get_experiment_by_name("picorl").experiment_id],
+                              filter_string="tags.`picorl.parent` = 'true'")
+    assert parent.info.status == "FAILED"
+
+
+def test_a_run_folder_has_one_owner_and_a_dead_owner_keeps_nothing(tmp_path):
+    from picorl.pipeline import RunLock, RunLocked
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from picorl.pipeline import RunLock; "
+                               f"RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=rf"in use by pid {holder.pid} on .*; wait for it to finish"):
+            RunLock(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    lock = RunLock(tmp_path)
+    assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+    lock.release()
+    RunLock(tmp_path).release()
+
+
+def test_resume_refuses_overrides_that_change_the_run():
+    from flows.train import refuse_changes_on_resume
+    from picorl.config import ConfigError, load_config
+    cfg = load_config(SMOKE, ["run.output_dir=/tmp/x"])
+    refuse_changes_on_resume(cfg, ["run.output_dir=/tmp/x", "grpo.lr=1e-3"])  # what it already is: fine
+    with pytest.raises(ConfigError, match=r"would change it: grpo.lr \(0.001 -> 0.5\), stages.1.updates \(2 -> 6\)"):
+        refuse_changes_on_resume(cfg, ["grpo.lr=0.5", "stages.1.updates=6"])

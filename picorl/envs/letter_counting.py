@@ -173,13 +173,15 @@ def parse_answer(completion: str, letters: list[str]) -> Parsed:
     counts = {}
     for c in letters:
         v = obj[c]
-        if type(v) is not int:  # bool is a subclass of int; floats were made NaN above
-            return UNFORMATTED
+        if type(v) is not int or v < 0:  # bool is a subclass of int; floats were made NaN above;
+            return UNFORMATTED           # a count is never negative, as `-3` alone is unformatted
         counts[c] = v
     return Parsed(counts)
 
 
 def fraction_right(parsed: Parsed, answer: dict) -> float:
+    if not answer:
+        raise ValueError("nothing to grade: the task asks for no letters")
     if not parsed.formatted:
         return 0.0
     return sum(parsed.counts[c] == n for c, n in answer.items()) / len(answer)
