@@ -3,12 +3,16 @@
     python bench/rollout.py                      # CPU default: 64 prompts x 64 new tokens
     python bench/rollout.py --prompts 64 --max-tokens 512 --dtype bfloat16   # GPU shape
     python bench/rollout.py --engines hf hf-static hf-static-compile         # the HF switches
+    python bench/rollout.py --prompts 128 --max-tokens 384 --dtype bfloat16 --engines hf graph
 
 Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV cache),
-`hf-static-compile` (static cache + torch.compile'd decode step), `vllm`.
+`hf-static-compile` (static cache + torch.compile'd decode step), `graph` (our decode step over
+a static cache, CUDA graphs on a GPU: picorl/rollout/graph.py), `vllm`.
 Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
 new tokens counted per engine, the best of --repeats timed calls after one warm-up call
-(the warm-up pays any compile; its seconds are reported as `warmup_s`). Each engine also
+(the warm-up pays any compile or graph capture; its seconds are reported as `warmup_s`);
+`ms_per_step` is a timed call's seconds over its longest completion (the decode steps it
+ran), and on a GPU `peak_gb` the most memory allocated while that engine ran. Each engine also
 decodes 8 prompts greedily; `same_greedy_as_hf` says whether its token ids equal the
 `hf` engine's, so a speed-up that changes results shows up beside its figure.
 Prints a table and writes bench/results/rollout-<machine>-<prompts>x<tokens>.json.
@@ -33,6 +37,8 @@ from picorl.rollout.hf import HFEngine  # noqa: E402
 
 
 def timed(engine, prompts, sampling, repeats):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine.generate(prompts, 1, Sampling(**{**sampling.__dict__, "seed": 1000}))  # warm-up, same shapes
     best = {"warmup_s": round(time.perf_counter() - t0, 2)}
@@ -41,8 +47,12 @@ def timed(engine, prompts, sampling, repeats):
         groups = engine.generate(prompts, 1, Sampling(**{**sampling.__dict__, "seed": r}))
         dt = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for g in groups for c in g)
+        steps = max(len(c.token_ids) for g in groups for c in g)
         if tokens / dt > best.get("tokens_per_s", 0):
-            best.update(seconds=round(dt, 2), new_tokens=tokens, tokens_per_s=round(tokens / dt, 1))
+            best.update(seconds=round(dt, 2), new_tokens=tokens, tokens_per_s=round(tokens / dt, 1),
+                        ms_per_step=round(dt / steps * 1e3, 2))
+    if torch.cuda.is_available():
+        best["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return best
 
 
@@ -55,6 +65,9 @@ def make_engine(name, model, tok, args):
     if name.startswith("hf"):
         cache = "static" if "static" in name else "dynamic"
         return HFEngine(model, tok, batch_size=args.prompts, progress=False, cache=cache, compile="compile" in name)
+    if name == "graph":
+        from picorl.rollout.graph import GraphEngine
+        return GraphEngine(model, tok, batch_size=args.prompts, progress=False)
     from picorl.rollout.vllm import VLLMEngine
     return VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
@@ -69,7 +82,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"],
-                    choices=["hf", "hf-static", "hf-static-compile", "vllm"])
+                    choices=["hf", "hf-static", "hf-static-compile", "graph", "vllm"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -99,11 +112,11 @@ def main() -> int:
     except ImportError:
         pass
     print(f"{out['machine']}: {args.prompts} prompts x {args.max_tokens} new tokens, {args.dtype}")
-    print("| engine | new tokens | seconds | tokens/s | vs hf | warm-up s | greedy = hf |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | new tokens | seconds | tokens/s | ms/step | vs hf | warm-up s | greedy = hf |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = r["tokens_per_s"] / results["hf"]["tokens_per_s"] if "hf" in results else float("nan")
-        print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {ratio:.2f}x | "
+        print(f"| {name} | {r['new_tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['ms_per_step']} | {ratio:.2f}x | "
               f"{r['warmup_s']} | {r.get('same_greedy_as_hf', '-')} |")
     write_result(f"rollout-{machine_tag(out['machine'])}-{args.prompts}x{args.max_tokens}-{args.dtype}-{'_'.join(args.engines)}", out)
     return 0

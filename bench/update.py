@@ -2,6 +2,7 @@
 
     python bench/update.py                                    # CPU: 8 tasks x k 8 x 64 new tokens
     python bench/update.py --max-tokens 512 --dtype bfloat16  # the GPU shape
+    python bench/update.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # configs/gpu.yaml's
 
 One update = rollouts (all tasks x k in one engine call) -> rewards -> loss + backward over
 micro-batches -> optimizer step -> weight sync to the engine. Tasks are d6 strings from the
@@ -80,6 +81,11 @@ def resolved_dtype(args) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def engine_suffix(args) -> str:
+    """'' for the hf engine (the files written before engines were named), else '-<engine>'."""
+    return "" if args.engine == "hf" else f"-{args.engine}"
+
+
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -144,7 +150,8 @@ def main() -> int:
           f"mean completion {med['completion_len']:.0f} tokens")
     if args.model != models.EMBEDDED:
         return 0
-    write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}", out)
+    write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}"
+                 f"{engine_suffix(args)}", out)
     return 0
 
 

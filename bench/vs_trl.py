@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py                                    # CPU: 8 tasks x k 8 x 64 new tokens
     python bench/vs_trl.py --max-tokens 512 --dtype bfloat16  # the GPU shape
+    python bench/vs_trl.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # picoRL on its GPU engine
 
 Equal means: the same model (embedded SmolLM2-135M-Instruct), a LoRA adapter r32/alpha64 on
 every projection, 8 prompts x 8 completions per optimizer step, the same most new tokens,
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_tag, write_result  # noqa: E402
-from bench.update import (add_shape_args, bench_reward_value, describe, peak_memory_gb, resolved_dtype,  # noqa: E402
-                          run_picorl, summarise)
+from bench.update import (add_shape_args, bench_reward_value, describe, engine_suffix, peak_memory_gb,  # noqa: E402
+                          resolved_dtype, run_picorl, summarise)
 from picorl import data, models  # noqa: E402
 
 
@@ -128,7 +129,8 @@ def main() -> int:
     print(f"picoRL is {ratio:.2f}x faster per update than TRL {out['trl_version']}")
     if args.model != models.EMBEDDED:
         return 0  # a smoke run on another model writes no result file
-    write_result(f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}", out)
+    write_result(f"vs_trl-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}"
+                 f"{engine_suffix(args)}", out)
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: six nested `*a` references expand a 456-byte file into millions of
+    list items (43 s and 249 MB to validate), and no config needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML alias *{event.anchor} (line {event.start_mark.line + 1}): "
+                              "aliases are not accepted in configs; write the value out")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str, where: str):
+    """Parse one YAML document without aliases; errors name `where`."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
 
 
 def knob(default, help: str, **kw):
@@ -77,7 +99,7 @@ class SFTConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = knob("hf", "hf (transformers generate) or vllm.")
+    engine: str = knob("hf", "hf (transformers generate), graph (our own decode step over a static KV cache, CUDA graphs on a GPU; the fast one there) or vllm.")
     temperature: float = knob(1.0, "Sampling temperature for training rollouts; evals are greedy (0).")
     top_p: float = knob(1.0, "Nucleus sampling threshold in (0, 1].")
     max_tokens: int = knob(512, "Most new tokens per completion.")
@@ -159,7 +181,7 @@ CHOICES = {
     "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
     "sft.style": ("cot", "cot_tokens", "direct"),
-    "rollout.engine": ("hf", "vllm"),
+    "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
 }
@@ -184,6 +206,12 @@ RULES = {
 }
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# The item type of every list knob (each must also be non-empty).
+LIST_ITEMS = {"model.lora.target_modules": str, "sft.difficulties": int, "eval.difficulties": int}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -200,10 +228,21 @@ def _coerce(value, tp, key: str):
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string; a float is what anyone means
     if tp is list and isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if tp is list:
+        kind = LIST_ITEMS.get(key)
+        bad = [v for v in value if kind and (not isinstance(v, kind) or isinstance(v, bool))]
+        if bad:
+            raise ConfigError(f"{key}: every item must be {kind.__name__}, got {bad[0]!r}")
+        if not value:
+            raise ConfigError(f"{key}: expected a non-empty list, got []")
     return value
 
 
@@ -258,11 +297,15 @@ def _set_dotted(raw: dict, dotted: str, value) -> None:
                 raise ConfigError(f"override '{dotted}': no item {part} in '{'.'.join(parts[:i])}'")
             node = node[int(part)]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i])}' is a value, not a section")
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
         node = nxt
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:-1])}' is a value, not a section")
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(f"override '{dotted}': no item {last}")
@@ -277,7 +320,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     # YAML reads '1e-5' as a string; a float is what anyone means.
@@ -297,9 +340,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (not UTF-8)") from None
+        raw = read_yaml(text, str(p))
+        if raw is None:
+            raise ConfigError(f"{p} is empty: a config file must set something (run every default "
+                              "by leaving --config out)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     for text in overrides or []:
@@ -342,6 +389,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"stages.{i}.demote_below={s.demote_below!r} must be below promote_at={s.promote_at!r}")
         if s.difficulty > s.max_difficulty:
             raise ConfigError(f"stages.{i}.difficulty={s.difficulty!r} is above its max_difficulty={s.max_difficulty!r}")
+    if not RUN_NAME.fullmatch(cfg.run.name):
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a plain name (letters, digits, '.', '_', '-', "
+                          "starting with a letter or digit): it names a folder inside run.output_dir")
     if cfg.grpo.algorithm == "ppo" and cfg.grpo.epochs < 2:
         raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
     if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":

@@ -53,6 +53,42 @@ def prepare_run_dir(cfg: Config, run_dir) -> Path:
     return run_dir
 
 
+class RunLocked(RuntimeError):
+    """Another live process owns the run folder."""
+
+
+class RunLock:
+    """Exclusive ownership of a run folder while a process trains in it.
+
+    An advisory lock (flock) on run_dir/.lock: the kernel drops it when its holder exits,
+    however it exits, so a crashed or killed run never keeps its folder locked. The file
+    names the holder (pid and host) for the message a second process gets.
+    """
+
+    def __init__(self, run_dir):
+        import fcntl
+        import os
+        import socket
+
+        self.path = Path(run_dir) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunLocked(f"run folder {run_dir} is in use by {holder}; wait for it to finish or stop it "
+                            "first (a second process would log every step twice)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        import os
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
 def read_history(run_dir) -> list[dict]:
     latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
     if latest is None or not (latest / "history.jsonl").is_file():
@@ -173,6 +209,13 @@ class Session:
         if key not in self._records:
             self._records[key] = load_split(run_dir, split, d)
         return self._records[key]
+
+    def eval_engine(self, progress: bool = True):
+        """The rollout engine when it is the graph engine (synced weights, captured graphs), else a new hf one."""
+        from picorl.rollout.graph import GraphEngine
+        if isinstance(self.engine, GraphEngine):
+            return self.engine
+        return eval_engine(self.cfg, self.model, self.tokenizer, progress)
 
     def get_trainer(self):
         from picorl.trainer import GRPOTrainer
@@ -304,9 +347,13 @@ def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progres
 # ---------------------------------------------------------------- evals
 
 
-def eval_engine(cfg: Config, model, tokenizer, progress: bool = True) -> HFEngine:
-    """Evals always decode with transformers (the reference measurement, whatever trains), with
-    the run's cache and compile switches."""
+def eval_engine(cfg: Config, model, tokenizer, progress: bool = True):
+    """The greedy engine of evals: the graph engine when the run trains with it (its greedy
+    tokens equal transformers', tests/test_graph_engine.py), else transformers with the run's
+    cache and compile switches (the reference measurement, whatever trains)."""
+    if cfg.rollout.engine == "graph":
+        from picorl.rollout.graph import GraphEngine
+        return GraphEngine(model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress)
     return HFEngine(model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
                     cache=cfg.rollout.hf_cache, compile=cfg.rollout.hf_compile)
 
@@ -331,7 +378,7 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
     info = json.loads((ckpt / "state.json").read_text())
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
     by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
-                                engine=eval_engine(cfg, sess.model, sess.tokenizer, progress))
+                                engine=sess.eval_engine(progress))
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
               "items": items}
     out.parent.mkdir(parents=True, exist_ok=True)

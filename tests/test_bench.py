@@ -25,8 +25,9 @@ def test_bench_reward_is_the_partial_reward_plus_a_small_fixed_jitter():
     assert 0 <= jitter("x") < 0.01 and jitter("x") == jitter("x") != jitter("y")
 
 
-def test_update_bench_splits_every_update(tokenizer):
-    res = run_picorl(shape("--updates", "2"))
+@pytest.mark.parametrize("engine", ["hf", "graph"])
+def test_update_bench_splits_every_update(tokenizer, engine):
+    res = run_picorl(shape("--updates", "2", "--engine", engine))
     med = res["median"]
     assert set(PARTS) <= set(med)
     assert med["loss_backward_s"] > 0 and sum(med[k] for k in PARTS[:-1]) <= med["update_s"] * 1.001

@@ -11,10 +11,14 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
         return HFEngine(model, tokenizer, batch_size=options.get("batch_size", 64),
                         progress=options.get("progress", True), cache=options.get("hf_cache", "dynamic"),
                         compile=options.get("hf_compile", False))
+    if kind == "graph":
+        from picorl.rollout.graph import GraphEngine
+        return GraphEngine(model, tokenizer, batch_size=options.get("batch_size", 64),
+                           progress=options.get("progress", True))
     if kind == "vllm":
         try:
             from picorl.rollout.vllm import VLLMEngine
         except ImportError as e:
             raise RuntimeError(f"rollout.engine=vllm is not available here: {e}") from None
         return VLLMEngine(model, tokenizer, **options)
-    raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {kind!r}")
+    raise ValueError(f"rollout.engine must be 'hf', 'graph' or 'vllm', got {kind!r}")

@@ -26,6 +26,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 
 from picorl.grpo import distinct_rows, repeat_cache_rows
 from picorl.rollout.base import Completion, Sampling
+from picorl.rollout.sampling import sample_inverse_cdf
 
 CACHES = ("dynamic", "static")
 
@@ -42,19 +43,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
-
-
-def sample_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Token index per row of `probs` (rows need not sum to 1), chosen by `uniform` in [0, 1].
-
-    Returns the first token whose cumulative probability exceeds uniform x row total.
-    The draw is clamped just below the total, so a token of probability zero (outside
-    the top-p nucleus) can never be chosen, even at uniform == 1.
-    """
-    cdf = probs.double().cumsum(-1)  # float64: a 49k-term running sum in float32 drifts
-    total = cdf[:, -1:]
-    u = torch.minimum(uniform.double().view(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)
 
 
 class InverseCDFSampler(LogitsProcessor):

@@ -1,0 +1,213 @@
+"""The graph engine (picorl/rollout/graph.py) run eagerly on CPU: parity with the hf engine."""
+import pytest
+import torch
+
+from picorl import data, models
+from picorl.grpo import token_logprobs
+from picorl.rollout import Sampling, make_engine
+from picorl.rollout.graph import GraphEngine, buckets_for
+from picorl.rollout.hf import HFEngine
+from picorl.trainer import pad_batch
+
+
+def prompts(n, difficulty=2):
+    return [r["messages"] for r in data.train_records(difficulty, n)]
+
+
+def perturb_adapter(model, std=0.5, seed=0):
+    """A trained-looking adapter (peft starts B at zero, which changes nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def trainer_logprobs(model, tok, completions):
+    seqs = [c.prompt_ids + c.token_ids for c in completions]
+    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in completions]
+    with torch.no_grad():
+        lp, m = token_logprobs(model, *pad_batch(seqs, masks, tok.pad_token_id, "cpu"))
+    return [lp[j][m[j].bool()].tolist() for j in range(len(completions))]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def assert_greedy_equal(model, tok, ref, got, tie=1e-4):
+    """Greedy tokens are equal; where they differ, the reference's top two logits must tie.
+
+    The two engines compute the same function with different kernels (fused q/k/v, the
+    adapter as its own matmuls), so logits agree to float32 rounding, about 1e-5 here. Two
+    candidates closer than that may swap, and every later token may then differ; a gap of
+    `tie` (10x the rounding) or more must never flip.
+    """
+    for x, y in zip(ref, got):
+        assert x.prompt_ids == y.prompt_ids
+        at = first_divergence(x.token_ids, y.token_ids)
+        if at is None:
+            continue
+        ids = torch.tensor([x.prompt_ids + x.token_ids[:at]])
+        with torch.no_grad():
+            top = model(input_ids=ids).logits[0, -1].float().topk(2).values
+        assert (top[0] - top[1]).item() < tie, (at, x.text, y.text)
+
+
+def test_buckets_are_powers_of_two_then_the_batch_size():
+    assert buckets_for(1) == [1]
+    assert buckets_for(8) == [1, 2, 4, 8]
+    assert buckets_for(96) == [1, 2, 4, 8, 16, 32, 64, 96]
+
+
+def test_greedy_equals_hf_with_and_without_adapter_and_after_sync(tiny_model, tokenizer):
+    model = models.add_lora(tiny_model, rank=4, alpha=8)
+    s = Sampling(temperature=0.0, max_tokens=12)
+    engine = GraphEngine(model, tokenizer, batch_size=4, progress=False)  # 6 prompts: chunks of 4 and 2
+    hf = HFEngine(model, tokenizer, progress=False)
+    assert_greedy_equal(model, tokenizer, [g[0] for g in hf.generate(prompts(6), 1, s)],
+                        [g[0] for g in engine.generate(prompts(6), 1, s)])
+    before = [g[0].token_ids for g in engine.generate(prompts(6), 1, s)]
+    perturb_adapter(model)
+    stale = [g[0].token_ids for g in engine.generate(prompts(6), 1, s)]
+    assert stale == before  # the engine reads its own copy until synced
+    engine.sync_weights(model)
+    # Only the adapter trains, so only the engine's adapter buffers are copied.
+    assert engine.last_sync_bytes == sum(t.numel() * t.element_size() for n, t in engine.dec.w.items() if "lora" in n)
+    after = engine.generate(prompts(6), 1, s)
+    assert_greedy_equal(model, tokenizer, [g[0] for g in hf.generate(prompts(6), 1, s)], [g[0] for g in after])
+    assert [g[0].token_ids for g in after] != before
+
+
+def test_full_finetuning_sync_copies_every_weight(tiny_model, tokenizer):
+    tiny_model.requires_grad_(True)
+    s = Sampling(temperature=0.0, max_tokens=8)
+    engine = GraphEngine(tiny_model, tokenizer, batch_size=8, progress=False)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.5 if p.dim() == 2 else 0.1)
+    engine.sync_weights(tiny_model)
+    hf = HFEngine(tiny_model, tokenizer, progress=False)
+    assert_greedy_equal(tiny_model, tokenizer, [g[0] for g in hf.generate(prompts(4), 1, s)],
+                        [g[0] for g in engine.generate(prompts(4), 1, s)])
+
+
+def test_sampled_logprobs_are_the_trainers(tiny_model, tokenizer):
+    model = models.add_lora(tiny_model, rank=4, alpha=8)
+    perturb_adapter(model, std=0.2)
+    engine = GraphEngine(model, tokenizer, batch_size=8, progress=False)
+    groups = engine.generate(prompts(3), 4, Sampling(temperature=1.0, max_tokens=10, seed=3))
+    flat = [c for g in groups for c in g]
+    for c, ours in zip(flat, trainer_logprobs(model, tokenizer, flat)):
+        assert len(c.logprobs) == len(c.token_ids)
+        assert c.logprobs == pytest.approx(ours, abs=2e-3)
+
+
+def test_groups_map_back_to_their_prompts_across_chunks_and_lengths(tiny_model, tokenizer):
+    # Prompts of different lengths (d1 and d6 strings), 3 samples each, in chunks of 5 rows
+    # (larger than no bucket but 5 itself: buckets 1, 2, 4, 5), so groups straddle chunks.
+    ps = prompts(2, difficulty=1) + prompts(2, difficulty=6)
+    engine = GraphEngine(tiny_model, tokenizer, batch_size=5, progress=False)
+    groups = engine.generate(ps, 3, Sampling(temperature=1.0, max_tokens=6, seed=0))
+    assert [len(g) for g in groups] == [3, 3, 3, 3]
+    assert len({len(g[0].prompt_ids) for g in groups}) > 1
+    for g, p in zip(groups, ps):
+        want = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for c in g:
+            assert c.prompt_ids == list(want) and 1 <= len(c.token_ids) <= 6
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    # Each completion continues its own prompt: the trainer's log-probs of it, given that
+    # prompt, are the ones the engine reported while sampling.
+    flat = [c for g in groups for c in g]
+    for c, ours in zip(flat, trainer_logprobs(tiny_model, tokenizer, flat)):
+        assert c.logprobs == pytest.approx(ours, abs=2e-3)
+
+
+def test_a_seed_reproduces_and_chunking_changes_no_greedy_token(tiny_model, tokenizer):
+    s = Sampling(temperature=1.0, max_tokens=6, seed=7)
+    engine = GraphEngine(tiny_model, tokenizer, batch_size=8, progress=False)
+    first = [c.token_ids for g in engine.generate(prompts(2), 3, s) for c in g]
+    assert first == [c.token_ids for g in engine.generate(prompts(2), 3, s) for c in g]
+    greedy = Sampling(temperature=0.0, max_tokens=6)
+    wide = GraphEngine(tiny_model, tokenizer, batch_size=64, progress=False).generate(prompts(5), 1, greedy)
+    narrow = GraphEngine(tiny_model, tokenizer, batch_size=2, progress=False).generate(prompts(5), 1, greedy)
+    assert [g[0].token_ids for g in wide] == [g[0].token_ids for g in narrow]
+
+
+def test_stops_at_a_stop_token_and_at_max_tokens(tiny_model, tokenizer):
+    engine = GraphEngine(tiny_model, tokenizer, progress=False)
+    (c,), = engine.generate(prompts(1), 1, Sampling(temperature=0.0, max_tokens=5))
+    assert len(c.token_ids) == 5 and not c.finished  # the random model never says eos first
+    with torch.no_grad():  # make eos the only likely token
+        tiny_model.lm_head.weight[tokenizer.eos_token_id] *= 0
+        tiny_model.lm_head.weight[tokenizer.eos_token_id] += tiny_model.model.norm.weight * 50
+    engine = GraphEngine(tiny_model, tokenizer, progress=False, check_every=2)
+    groups = engine.generate(prompts(3), 2, Sampling(temperature=0.0, max_tokens=40))
+    for c in (c for g in groups for c in g):
+        assert c.token_ids == [tokenizer.eos_token_id] and c.finished and c.text == ""
+
+
+def test_sampling_follows_the_tempered_nucleus():
+    from picorl.rollout.sampling import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 200_000
+    scores = logits.expand(rows, -1).clone()
+    # 200k draws: a frequency's standard error is at most sqrt(0.25 / 200k) = 1.1e-3, so
+    # 4e-3 is 3.6 standard errors: a correct sampler fails it about once in 3,000 runs of
+    # one cell, and a wrong distribution (off by >= 1e-2 here) cannot pass it.
+    picked = sample_tokens(scores, 0.7, 1.0, torch.rand(rows), nucleus=False)
+    freq = torch.bincount(picked, minlength=6).double() / rows
+    assert torch.allclose(freq, torch.softmax(logits.double() / 0.7, -1), atol=4e-3)
+    # top-p 0.8 keeps the smallest set of tokens holding 80% of the mass: tokens 0-2 here.
+    nucleus = sample_tokens(scores, torch.tensor([1.0]), torch.tensor([0.8]), torch.rand(rows), nucleus=True)
+    kept = torch.softmax(logits[:3].double(), -1)
+    assert torch.allclose(torch.bincount(nucleus, minlength=6).double() / rows,
+                          torch.cat([kept, torch.zeros(3, dtype=torch.double)]), atol=4e-3)
+
+
+def test_unsupported_models_are_named(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer)))
+    with pytest.raises(ValueError, match="not 'gpt2'; use rollout.engine=hf"):
+        GraphEngine(gpt2, tokenizer)
+
+
+def test_the_config_selects_it(tiny_model, tokenizer):
+    assert isinstance(make_engine("graph", tiny_model, tokenizer, batch_size=16), GraphEngine)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_greedy_equals_hf_on_the_embedded_model_at_d6():
+    torch.manual_seed(0)
+    model, tok = models.load_model(models.EMBEDDED, device="cpu", dtype="float32")
+    model = models.add_lora(model, rank=8, alpha=16)
+    perturb_adapter(model, std=0.02)  # moves the greedy tokens, keeps the text a model's
+    ps = [r["messages"] for r in data.eval_records(6, 8)]
+    s = Sampling(temperature=0.0, max_tokens=32)
+    hf = HFEngine(model, tok, progress=False)
+    engine = GraphEngine(model, tok, batch_size=8, progress=False)
+    ref = [g[0] for g in hf.generate(ps, 1, s)]
+    assert_greedy_equal(model, tok, ref, [g[0] for g in engine.generate(ps, 1, s)])
+    perturb_adapter(model, std=0.02, seed=1)
+    engine.sync_weights(model)
+    moved = [g[0] for g in hf.generate(ps, 1, s)]
+    assert [c.token_ids for c in moved] != [c.token_ids for c in ref]
+    got = [g[0] for g in engine.generate(ps, 1, s)]
+    assert_greedy_equal(model, tok, moved, got)
+    for c, ours in zip(got, trainer_logprobs(model, tok, got)):
+        assert c.logprobs == pytest.approx(ours, abs=2e-3)
+
+
+def test_one_cache_serves_every_call_that_fits_and_a_longer_call_replaces_it(tiny_model, tokenizer):
+    engine = GraphEngine(tiny_model, tokenizer, batch_size=4, progress=False)
+    engine.generate(prompts(2), 2, Sampling(temperature=1.0, max_tokens=40, seed=0))
+    (first,) = engine.states
+    engine.generate(prompts(2), 1, Sampling(temperature=0.0, max_tokens=8))  # fits: same cache
+    assert list(engine.states) == [first]
+    engine.generate(prompts(1), 1, Sampling(temperature=0.0, max_tokens=first + 1))
+    (longer,) = engine.states
+    assert longer > first and longer % 128 == 0
