@@ -1,4 +1,5 @@
-"""The GRPO family in three functions: advantages, per-token log-probs, the clipped loss.
+"""The GRPO family: advantages, per-token log-probs (of full sequences, or of completions on a
+shared prompt), the clipped loss and its aggregations, the KL penalty.
 
 Worked example. One task is sampled k=4 times; the completions score [1, 0, 0, 1]:
     group mean 0.5, unbiased std 0.577
@@ -23,9 +24,9 @@ Algorithms in the config map to these settings (ALGORITHMS below).
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
+
+from picorl.batching import left_pad_ids, positions, repeat_cache_rows, repeat_rows
 
 # algorithm -> advantage scale, loss aggregation, default eps_high, dynamic sampling
 ALGORITHMS = {
@@ -71,47 +72,11 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
     most of the memory and time, and no loss term uses them.
     """
     k = max(int(completion_mask.sum(1).max().item()), 1)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads must not shift positions
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    logits_to_keep=k + 1).logits[:, :-1]
     logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
     mask = completion_mask[:, -k:]
     return logp * mask, mask
-
-
-def distinct_rows(keys: list) -> tuple[list[int], list[int]]:
-    """(position of each distinct key's first occurrence, each position's index among those).
-
-    distinct_rows(["a", "a", "b", "a"]) == ([0, 2], [0, 0, 1, 0])
-    """
-    first: dict = {}
-    for pos, k in enumerate(keys):
-        first.setdefault(k, pos)
-    index = {k: i for i, k in enumerate(first)}
-    return list(first.values()), [index[k] for k in keys]
-
-
-def repeat_cache_rows(cache, owner: list[int]):
-    """Make row j of every cached key/value tensor a copy of row owner[j], in place."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(cache).__name__} has no per-layer keys/values to share; "
-                        "set grpo.shared_prefix=false for this model")
-    for layer in layers:
-        layer.keys, layer.values = repeat_rows(layer.keys, owner), repeat_rows(layer.values, owner)
-    return cache
-
-
-def repeat_rows(t: torch.Tensor, owner: list[int]) -> torch.Tensor:
-    """t[owner], built from `expand` over runs of equal owners.
-
-    Indexing with repeated rows has a backward that adds into the same row from several
-    threads in no fixed order on CPU: gradients would differ in the last bit from run to
-    run, and a resumed run would not be bit-identical to an uninterrupted one. The backward
-    of `expand` is a sum with a fixed order.
-    """
-    runs = [(o, len(list(g))) for o, g in itertools.groupby(owner)]
-    return torch.cat([t[o:o + 1].expand(n, *t.shape[1:]) for o, n in runs])
 
 
 def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
@@ -130,14 +95,9 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     sequences (tests/test_trainer.py checks both).
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    p_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    p_attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        p_ids[i, width - len(p):], p_attn[i, width - len(p):] = torch.tensor(p), 1
-    p_ids, p_attn = p_ids.to(device), p_attn.to(device)
-    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=(p_attn.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+    p_ids, p_attn = (t.to(device) for t in left_pad_ids(prompts, pad_id))
+    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=positions(p_attn), use_cache=True,
+                logits_to_keep=1)
     rows = torch.tensor(owner, device=device)
     cache = repeat_cache_rows(out.past_key_values, owner)  # row j: completion j's prompt
     length = max(len(c) for c in completions)
@@ -146,10 +106,10 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     for j, c in enumerate(completions):
         c_ids[j, :len(c)], mask[j, :len(c)] = torch.tensor(c), 1
     c_ids, mask = c_ids.to(device), mask.to(device)
-    positions = p_attn.sum(1)[rows][:, None] + torch.arange(length, device=device)
+    c_positions = p_attn.sum(1)[rows][:, None] + torch.arange(length, device=device)
     # Right padding is safe here: a pad sits after every real token, so no real token sees it.
     logits = model(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
-                   position_ids=positions, past_key_values=cache, use_cache=True).logits
+                   position_ids=c_positions, past_key_values=cache, use_cache=True).logits
     # Token t is predicted by position t-1; the first by the prompt's last position.
     logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1)
     logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)

@@ -45,8 +45,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from picorl.batching import chat_prompt_ids, left_pad, left_pad_ids, positions
 from picorl.data import messages_of
-from picorl.rollout.hf import chat_prompt_ids
 
 STYLES = ("direct", "cot", "cot_tokens")
 
@@ -114,14 +114,8 @@ def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """Left-pad a batch, so that every target ends at the right edge (see sft_loss)."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        off = width - len(x)
-        ids[i, off:], labels[i, off:], attn[i, off:] = torch.tensor(x), torch.tensor(y), 1
-    return ids, attn, labels
+    ids, attn = left_pad_ids([x for x, _ in examples], pad_id)
+    return ids, attn, left_pad([y for _, y in examples], -100)
 
 
 def sft_loss(model, ids, attn, labels) -> torch.Tensor:
@@ -131,8 +125,7 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
     the whole vocabulary would cost most of the step and feed no loss term.
     """
     k = max(int((labels != -100).sum(1).max().item()), 1)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions,
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn),
                    logits_to_keep=k + 1).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              labels[:, -k:].reshape(-1), ignore_index=-100)

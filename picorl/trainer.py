@@ -17,11 +17,11 @@ from typing import Callable
 
 import torch
 
+from picorl.batching import distinct_rows, pad_batch
 from picorl.data import messages_of
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
-from picorl.grpo import (ALGORITHMS, distinct_rows, group_advantages, kl_penalty, policy_loss,
-                         shared_prefix_logprobs, token_logprobs)
+from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, shared_prefix_logprobs, token_logprobs
 from picorl.rollout import Completion, Sampling
 
 RewardFn = Callable[[Completion, dict], tuple[float, bool]]
@@ -38,18 +38,6 @@ def letter_reward(kind: str, format_bonus: float) -> RewardFn:
 
 def _tokens(groups) -> int:
     return sum(len(c.token_ids) for grp in groups for c in grp)
-
-
-def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device):
-    """Left-pad token ids, attention mask and completion mask, so completions end aligned."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    cmask = torch.zeros((len(seqs), width), dtype=torch.float)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        off = width - len(s)
-        ids[i, off:], attn[i, off:], cmask[i, off:] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
-    return ids.to(device), attn.to(device), cmask.to(device)
 
 
 class GRPOTrainer:

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from picorl import data, models
+from picorl.batching import pad_batch
 from picorl.grpo import token_logprobs
 from picorl.rollout import Sampling, make_engine
 from picorl.rollout.graph import GraphEngine, buckets_for
 from picorl.rollout.hf import HFEngine
-from picorl.trainer import pad_batch
 
 
 def prompts(n, difficulty=2):

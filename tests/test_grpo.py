@@ -94,6 +94,14 @@ def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
 
 
 def test_distinct_rows_names_each_first_occurrence_and_maps_every_position():
-    from picorl.grpo import distinct_rows
+    from picorl.batching import distinct_rows
     assert distinct_rows(["a", "a", "b", "a"]) == ([0, 2], [0, 0, 1, 0])
     assert distinct_rows([3, 1, 1, 3, 2]) == ([0, 1, 4], [0, 1, 1, 0, 2])
+
+
+def test_left_padding_right_aligns_rows_and_positions_count_real_tokens():
+    from picorl.batching import left_pad, left_pad_ids, positions
+    ids, attn = left_pad_ids([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert left_pad([[1], []], -100).tolist() == [[1], [-100]]

@@ -98,7 +98,7 @@ def test_inverse_cdf_sampler_draws_from_the_tempered_nucleus():
 
 
 def test_inverse_cdf_never_picks_a_zero_probability_token():
-    from picorl.rollout.hf import sample_inverse_cdf
+    from picorl.rollout.sampling import sample_inverse_cdf
 
     probs = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
     assert sample_inverse_cdf(probs, torch.tensor([1.0, 1.0])).flatten().tolist() == [2, 1]

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from picorl import checkpoint, data
+from picorl.batching import chat_prompt_ids
 from picorl.config import load_config
+from picorl.data import messages_of
 from picorl.models import add_lora, tiny_llama
 from picorl.rollout.hf import HFEngine
-from picorl.data import messages_of
-from picorl.rollout.hf import chat_prompt_ids
 from picorl.trainer import GRPOTrainer
 
 RECORDS = data.train_records(1, 1, seed=0)
@@ -170,7 +170,7 @@ def test_full_weights_checkpoint_round_trip(tokenizer, tmp_path):
 
 def test_token_logprobs_of_a_padded_batch_match_each_sequence_alone(tokenizer):
     from picorl.grpo import token_logprobs
-    from picorl.trainer import pad_batch
+    from picorl.batching import pad_batch
     model = tiny_llama(len(tokenizer), initializer_range=0.3).eval()
     seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
     masks = [[0, 0, 0, 1, 1, 1], [0, 1, 1], [0, 0, 0, 1]]
@@ -208,8 +208,8 @@ def float64_norms(model):
 
 
 def test_shared_prefix_logprobs_and_gradients_equal_the_full_sequences(tokenizer):
+    from picorl.batching import pad_batch
     from picorl.grpo import shared_prefix_logprobs, token_logprobs
-    from picorl.trainer import pad_batch
     # In float64: the two paths sum the same terms in different orders (another attention
     # kernel, other GEMM blockings, a thread count), and a sum of n terms reordered moves by
     # at most about n x eps relative. In float32 (eps 6e-8) n = 49,152 vocabulary terms

@@ -8,7 +8,7 @@ from picorl import data, models
 from picorl.grpo import token_logprobs
 from picorl.rollout import Sampling
 from picorl.rollout.hf import HFEngine
-from picorl.trainer import pad_batch
+from picorl.batching import pad_batch
 
 pytest.importorskip("vllm")
 MAX_TOKENS = 24

@@ -34,3 +34,12 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model) -> None:
         """Make the engine sample from the current policy (a no-op for an engine that shares the model)."""
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion: the tokenizer's eos and any the generation config adds."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)

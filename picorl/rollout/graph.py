@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from picorl.grpo import distinct_rows
-from picorl.rollout.base import Completion, Sampling
-from picorl.rollout.hf import chat_prompt_ids, stop_ids
+from picorl.batching import chat_prompt_ids, distinct_rows, left_pad_ids, positions
+from picorl.rollout.base import Completion, Sampling, stop_ids
 from picorl.rollout.sampling import sample_tokens
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -403,19 +402,14 @@ class GraphEngine:
     def _prefill(self, prompts: list[list[int]]):
         """(keys/values (2, layers, n, kv, W, d), last-position logits (n, V)) of distinct prompts."""
         dec, dev = self.dec, self.dec.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):], real[r, width - len(p):] = torch.tensor(p), True
-        ids, real = ids.to(dev), real.to(dev)
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        ids, real = (t.to(dev) for t in left_pad_ids(prompts, self.pad_id))
+        width, real = ids.shape[1], real.bool()
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
         # A pad position sees only itself: a row with nothing to attend to would give NaN, and
         # a NaN key/value poisons every later sum it enters, masked or not.
         mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)
         cache = dec.new_cache(len(prompts), width)
-        hidden = dec.forward(ids, positions, cache, torch.arange(width, device=dev), mask[:, None])
+        hidden = dec.forward(ids, positions(real), cache, torch.arange(width, device=dev), mask[:, None])
         return cache, dec.logits(hidden[:, -1])
 
     def _decode_chunk(self, rows_ids: list[list[int]], owner: list[int], sampling: Sampling):

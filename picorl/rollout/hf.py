@@ -24,25 +24,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from picorl.grpo import distinct_rows, repeat_cache_rows
-from picorl.rollout.base import Completion, Sampling
+from picorl.batching import chat_prompt_ids, distinct_rows, left_pad_ids, positions, repeat_cache_rows
+from picorl.rollout.base import Completion, Sampling, stop_ids
 from picorl.rollout.sampling import sample_inverse_cdf
 
 CACHES = ("dynamic", "static")
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat prompt up to and including the assistant header."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return sorted(i for i in ids if i is not None)
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -100,8 +86,8 @@ class HFEngine:
         """
         rows, local = distinct_rows(owner)
         ids, mask = input_ids[rows, :-1], attn[rows, :-1]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                         logits_to_keep=1)
         return repeat_cache_rows(out.past_key_values, local)
 
     def sync_weights(self, model) -> None:
@@ -126,13 +112,8 @@ class HFEngine:
         results: dict[int, Completion] = {}
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            batch = [flat[j] for j in idx]
-            width = max(len(b) for b in batch)
-            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, ids in enumerate(batch):
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                attn[r, width - len(ids):] = 1
+            input_ids, attn = left_pad_ids([flat[j] for j in idx], tok.pad_token_id)
+            width = input_ids.shape[1]
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
                           max_new_tokens=sampling.max_tokens, eos_token_id=stops,
                           pad_token_id=tok.pad_token_id, **self._speed_kwargs())
