@@ -2,7 +2,7 @@
 
     python bench/faults.py [--repeats 1]
 
-For every point it runs `python -m flows.train` in a fresh process armed to SIGKILL itself
+For every point it runs `python -m cli train` (`picorl train`) in a fresh process armed to SIGKILL itself
 there, then `--resume RUN_ID`, and reads the MLflow history: steps missing, steps logged
 twice, whether the final adapter equals an uninterrupted run's, and the resume's wall time.
 Prints a markdown table and writes bench/results/faults-<cpu>.json.
@@ -38,7 +38,7 @@ def train(tmp: Path, *extra: str, fault: str | None = None) -> tuple[int, float]
         env["PICORL_FAULT"] = fault
     t0 = time.perf_counter()
     with open(tmp / "log.txt", "a") as log:
-        p = subprocess.Popen([sys.executable, "-m", "flows.train", "--config", SMOKE, "--set",
+        p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--config", SMOKE, "--set",
                               f"run.output_dir={tmp / 'out'}", "--set", "run.retries=0", *extra],
                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         rc = p.wait(900)

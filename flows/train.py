@@ -2,7 +2,7 @@
 
     data -> SFT -> eval@0 -> for each stage: [GRPO chunk -> (eval)]* -> report
 
-    python -m flows.train --config configs/smoke.yaml      (or: picorl train --config ...)
+    picorl train --config configs/smoke.yaml      (the command line is cli.py; deployments call `train`)
 """
 from __future__ import annotations
 
@@ -104,25 +104,3 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
     print(f"report: {out['report']}")
     print(f"MLflow: {tracking.ui_hint(c.get_run(run['parent_run_id']).info.experiment_id, run['parent_run_id'])}")
     return {**run, **out, "evals": evals}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from picorl.cli import add_train_args, dry_run
-    p = argparse.ArgumentParser(prog="python -m flows.train")
-    add_train_args(p)
-    args = p.parse_args(argv)
-    try:
-        if args.dry_run:
-            return dry_run(args)
-        train(config_path=args.config, overrides=args.set, resume=args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

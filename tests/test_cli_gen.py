@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from picorl.cli import main
+from cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "picorl.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
 
 
 def test_gen_writes_records(tmp_path, capsys):

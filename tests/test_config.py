@@ -114,6 +114,6 @@ def test_shipped_configs_validate(path):
 
 
 def test_readme_lists_every_config_key_with_its_default():
-    from picorl.cli import config_table
+    from cli import config_table
     readme = (ROOT / "README.md").read_text()
     assert config_table() in readme, "README's config reference is stale: paste `picorl config` into it"

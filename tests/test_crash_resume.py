@@ -28,7 +28,7 @@ def train(tmp_path, *extra, fault=None):
     # server orphaned, and that server would hold a pipe open (and the test) forever.
     log = tmp_path / f"train-{len(list(tmp_path.glob('train-*.log')))}.log"
     with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "flows.train", "--config", SMOKE,
+        p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--config", SMOKE,
                               "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0", *extra],
                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:

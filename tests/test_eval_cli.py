@@ -8,7 +8,7 @@ from picorl import data
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "picorl.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True)
 
 
 def test_eval_reports_bad_line_and_writes_nothing(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from picorl import data, pipeline, report
-from picorl.cli import main
+from cli import main
 from picorl.config import load_config
 from picorl.faults import FaultInjected
 from picorl.plan import chunks

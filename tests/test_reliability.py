@@ -142,7 +142,7 @@ def test_two_runs_at_once_stay_apart(tmp_path):
     for i, extra in enumerate([[], ["--set", "grpo.lr=0.002"]]):
         e = {**env, "PREFECT_HOME": str(tmp_path / f"prefect{i}")}
         log = open(tmp_path / f"run{i}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.train", "--config", SMOKE,
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "train", "--config", SMOKE,
                                        "--set", f"run.output_dir={tmp_path / 'out'}", *extra],
                                       cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     for i, p in enumerate(procs):
@@ -167,7 +167,7 @@ def test_two_runs_at_once_stay_apart(tmp_path):
 
 
 def test_the_cli_sets_prefect_defaults_only_where_unset():
-    from picorl.cli import PREFECT_DEFAULTS, prefect_environment
+    from cli import PREFECT_DEFAULTS, prefect_environment
     env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}
     applied = prefect_environment(env)
     assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "30"  # the user's value stands
@@ -248,3 +248,24 @@ def test_resume_refuses_overrides_that_change_the_run():
     refuse_changes_on_resume(cfg, ["run.output_dir=/tmp/x", "grpo.lr=1e-3"])  # what it already is: fine
     with pytest.raises(ConfigError, match=r"would change it: grpo.lr \(0.001 -> 0.5\), stages.1.updates \(2 -> 6\)"):
         refuse_changes_on_resume(cfg, ["grpo.lr=0.5", "stages.1.updates=6"])
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("model.name=does-not-exist", "model 'does-not-exist' not found"),
+    ("model.lora.target_modules=[nope]", "model.lora.target_modules: ['nope'] not found in tiny-random-llama"),
+    ("sft.difficulties=[]", "sft.difficulties: expected a non-empty list"),
+    ("eval.difficulties=[]", "eval.difficulties: expected a non-empty list"),
+])
+def test_values_that_would_fail_mid_run_are_refused_before_any_work(tmp_path, override, msg):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    r = subprocess.run([sys.executable, "-m", "cli", "train", "--config", SMOKE, "--set", override,
+                        "--set", f"run.output_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    dry = subprocess.run([sys.executable, "-m", "cli", "train", "--config", SMOKE, "--set", override, "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if override.startswith("model."):  # the plan may be meant for another machine: a warning
+        assert dry.returncode == 0 and f"warning: {msg}" in dry.stdout
+    else:
+        assert dry.returncode == 2 and msg in dry.stderr

@@ -1,7 +1,8 @@
 """The `picorl` command: gen, eval, train, export, config.
 
-`train` hands over to the Prefect flow in flows/train.py; the library itself never imports
-prefect or mlflow.
+The entry point sits above everything else: `train` hands over to the Prefect flow in
+flows/train.py (cli -> flows -> tasks -> picorl); the other commands call the library,
+which never imports prefect or mlflow.
 
 Errors the user can fix (a bad value, a missing file) print one line naming it and exit 2;
 nothing is half-written.
@@ -95,12 +96,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
 
 
-def dry_run(args) -> int:
-    from picorl.config import load_config
+def dry_run(cfg, model_problem: str | None) -> None:
+    """Print the plan; a model that is not on this machine is a warning here (the plan may be for another)."""
     from picorl.plan import describe_plan
 
-    print(describe_plan(load_config(args.config, args.set)))
-    return 0
+    print(describe_plan(cfg))
+    if model_problem:
+        print(f"warning: {model_problem}")
 
 
 # A fresh Prefect home migrates its database before the local API server answers: 20-60 s
@@ -136,17 +138,23 @@ def cmd_train(args) -> None:
     import os
     import signal
 
+    from picorl import models
     from picorl.config import ConfigError, load_config
 
-    from picorl import models
     try:
         cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
-        models.check_model(cfg.model)  # from the model's config: no weights are loaded
-    except (ConfigError, models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
+    except ConfigError as e:
         raise UsageError(str(e)) from None
+    try:
+        models.check_model(cfg.model)  # from the model's config: no weights are loaded
+        model_problem = None
+    except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
+        model_problem = str(e)
     if args.dry_run:
-        dry_run(args)
+        dry_run(cfg, model_problem)
         return
+    if model_problem:
+        raise UsageError(model_problem)
     prefect_environment()
     try:
         from flows.train import train
