@@ -13,16 +13,17 @@ from prefect.cache_policies import NO_CACHE
 
 from picorl import checkpoint, data, evaluate, models
 from picorl.config import load_config
+from picorl.run_folder import RunFolder
 from tasks import tracking
 
 
 def resolve_adapter(run_id: str, step: int | None) -> tuple[str, Path]:
     """(model name, adapter folder) of an MLflow training run's checkpoint (latest when step is None)."""
     run = tracking.client().get_run(run_id)
-    run_dir = Path(run.data.tags.get("picorl.run_dir", ""))
-    cfg = load_config(run_dir / "config.yaml")
-    root = run_dir / "checkpoints"
-    ckpt = root / f"step_{step}" if step is not None else checkpoint.latest_checkpoint(root)
+    folder = RunFolder(run.data.tags.get("picorl.run_dir", ""))
+    cfg = load_config(folder.config)
+    root = folder.checkpoints
+    ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(root)
     if ckpt is None or not (ckpt / "adapter").is_dir():
         raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {root}" +
                                 (f" for step {step}" if step is not None else ""))

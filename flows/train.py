@@ -6,15 +6,14 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
-from pathlib import Path
 
 from prefect import flow, runtime
 
 from picorl import pipeline
 from picorl.config import ConfigError, load_config
 from picorl.plan import chunks
+from picorl.run_folder import RunFolder, RunLock, RunLocked
 from tasks import pipeline_tasks as t
 from tasks import tracking
 
@@ -43,7 +42,7 @@ def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
                           f"{', '.join(changed)}. Drop them, or start a new run")
 
 
-def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, pipeline.RunLock]:
+def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, RunLock]:
     """The MLflow parent run and run folder (new, or those of the run being resumed), locked."""
     c = tracking.client()
     flow_run_id = str(runtime.flow_run.id or "local")
@@ -53,22 +52,21 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
         except Exception:
             raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking.tracking_uri()}") from None
         run_dir = parent.data.tags.get("picorl.run_dir")
-        if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        if not run_dir or not RunFolder(run_dir).config.is_file():
             raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
-        refuse_changes_on_resume(load_config(Path(run_dir) / "config.yaml"), overrides)
-        lock = pipeline.RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
+        refuse_changes_on_resume(pipeline.run_config(run_dir), overrides)
+        lock = RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
         c.update_run(resume, status="RUNNING")
         tracking.set_tags(c, resume, {"prefect.flow_run_id": flow_run_id})
         return {"run_dir": run_dir, "parent_run_id": resume}, lock
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir).resolve() / f"{cfg.run.name}-{stamp}-{flow_run_id[:8]}"
+    run_dir = RunFolder.new_path(cfg.run.output_dir, cfg.run.name, flow_run_id)
     pipeline.prepare_run_dir(cfg, run_dir)
-    lock = pipeline.RunLock(run_dir)
+    lock = RunLock(run_dir)
     exp = tracking.experiment_id(c, cfg.run.experiment)
     parent = c.create_run(exp, run_name=cfg.run.name, tags={
         "prefect.flow_run_id": flow_run_id, "picorl.run_dir": str(run_dir), "picorl.parent": "true"})
     tracking.log_config(c, parent.info.run_id, cfg)
-    c.log_artifact(parent.info.run_id, str(run_dir / "config.yaml"))
+    c.log_artifact(parent.info.run_id, str(RunFolder(run_dir).config))
     return {"run_dir": str(run_dir), "parent_run_id": parent.info.run_id}, lock
 
 
@@ -78,7 +76,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
     check_model_config(cfg)
     try:
         run, lock = open_run(cfg, resume, overrides)
-    except pipeline.RunLocked as e:
+    except RunLocked as e:
         raise ConfigError(str(e)) from None
     cfg = t.run_config(run)  # a resumed run keeps the config it started with
     opts = dict(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s)

@@ -85,7 +85,7 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, inf
     # A run folder has one writer: hidden leftovers are from a write that was killed.
     for stale in root.glob(".step_*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step_{step}"
+    final = step_path(root, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", suffix=".tmp", dir=root))
     try:
         save_model_weights(model, tmp)
@@ -110,6 +110,11 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, inf
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_path(root: str | Path, step: int) -> Path:
+    """Where checkpoint `step` lives under root."""
+    return Path(root) / f"step_{step}"
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from picorl.config import load_config
 from picorl.data import fresh_records, write_jsonl
-from picorl.pipeline import ckpt_root, eval_engine, read_timings
+from picorl.pipeline import eval_engine, read_timings
+from picorl.run_folder import RunFolder
 
 EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
                "formatted")
@@ -35,7 +36,7 @@ EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "predi
 
 def final_eval(run_dir: Path, step: int | None = None) -> dict:
     """The eval of `step`, or the run's last one."""
-    files = {int(p.stem[5:]): p for p in (run_dir / "evals").glob("step_*.json")}
+    files = RunFolder(run_dir).eval_files()
     if not files:
         raise FileNotFoundError(f"{run_dir} has no evals/step_N.json: is it a run folder, and did an eval run?")
     step = max(files) if step is None else step
@@ -79,10 +80,11 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
         raise ValueError(f"--fresh must be >= 0 items per difficulty, got {fresh}")
     result = final_eval(run_dir, step)
     step = result["step"]
-    adapter = ckpt_root(run_dir) / f"step_{step}" / "adapter"
+    run = RunFolder(run_dir)
+    adapter = run.checkpoint(step) / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"no LoRA adapter for step {step} at {adapter} (pruned, or a full fine-tune?)")
-    needed = [run_dir / "config.yaml", run_dir / "report.md", run_dir / "curves.png"]
+    needed = [run.config, run.report, run.curves]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"missing from the run folder: {', '.join(missing)} (the flow's report step writes "
@@ -99,7 +101,7 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
         summary = {"step": step, "exact": per_difficulty(result["by_difficulty"], "exact"),
                    "n": per_difficulty(result["by_difficulty"], "n"), **time_summary(read_timings(run_dir))}
         if fresh:
-            by_d, items = fresh_eval(load_config(run_dir / "config.yaml"), tmp / "adapter", fresh, progress)
+            by_d, items = fresh_eval(load_config(run.config), tmp / "adapter", fresh, progress)
             write_jsonl(eval_lines(items), tmp / "fresh_eval.jsonl")
             summary["fresh_exact"] = per_difficulty(by_d, "exact")
             summary["fresh_n"] = fresh

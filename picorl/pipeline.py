@@ -1,11 +1,5 @@
-"""The pipeline's steps as plain functions over a run folder; the Prefect tasks call these.
-
-A run folder holds everything a run needs to continue after a crash:
-    config.yaml                  the resolved config
-    data/                        train_dN/ and eval_dN/ datasets, manifest.json, sample.jsonl
-    checkpoints/step_N/          adapter + trainer state + state.json + history.jsonl
-    evals/step_N.json            per-difficulty summaries and per-item completions
-    timings.jsonl                each step's wall time and machine, failed tries included
+"""The pipeline's steps as plain functions over a run folder (picorl/run_folder.py); the
+Prefect tasks call these.
 
 Every step is idempotent: it starts from the latest checkpoint and returns at once when
 that checkpoint already covers it, so a retry or a resume continues where work stopped.
@@ -23,13 +17,14 @@ from pathlib import Path
 import torch
 
 from picorl import checkpoint, data
-from picorl.config import Config, dump_yaml
+from picorl.config import Config, dump_yaml, load_config
 from picorl.curriculum import Curriculum
 from picorl.evaluate import evaluate_sets
 from picorl.faults import fault_point
 from picorl.machine import machine_name
 from picorl.plan import Chunk, train_difficulties
 from picorl.rollout.hf import HFEngine
+from picorl.run_folder import RunFolder
 from picorl.sft import train_sft
 
 MAX_SKIPS_IN_A_ROW = 5
@@ -42,55 +37,20 @@ class NumericalError(RuntimeError):
 # ---------------------------------------------------------------- run folder
 
 
-def ckpt_root(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def prepare_run_dir(cfg: Config, run_dir) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    data.atomic_write_text(RunFolder(run_dir).config, dump_yaml(cfg))
     return run_dir
 
 
-class RunLocked(RuntimeError):
-    """Another live process owns the run folder."""
-
-
-class RunLock:
-    """Exclusive ownership of a run folder while a process trains in it.
-
-    An advisory lock (flock) on run_dir/.lock: the kernel drops it when its holder exits,
-    however it exits, so a crashed or killed run never keeps its folder locked. The file
-    names the holder (pid and host) for the message a second process gets.
-    """
-
-    def __init__(self, run_dir):
-        import fcntl
-        import os
-        import socket
-
-        self.path = Path(run_dir) / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise RunLocked(f"run folder {run_dir} is in use by {holder}; wait for it to finish or stop it "
-                            "first (a second process would log every step twice)") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-
-    def release(self) -> None:
-        import os
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
+def run_config(run_dir) -> Config:
+    """The config a run folder was started with."""
+    return load_config(RunFolder(run_dir).config)
 
 
 def read_history(run_dir) -> list[dict]:
-    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
     if latest is None or not (latest / "history.jsonl").is_file():
         return []
     return [json.loads(x) for x in (latest / "history.jsonl").read_text().splitlines() if x.strip()]
@@ -98,10 +58,7 @@ def read_history(run_dir) -> list[dict]:
 
 def eval_rows(run_dir) -> list[dict]:
     """Eval metric rows from evals/step_N.json, oldest first."""
-    rows = []
-    for p in sorted((Path(run_dir) / "evals").glob("step_*.json"), key=lambda p: int(p.stem[5:])):
-        rows.append(eval_row(json.loads(p.read_text())))
-    return rows
+    return [eval_row(json.loads(p.read_text())) for p in RunFolder(run_dir).eval_files().values()]
 
 
 def eval_row(result: dict) -> dict:
@@ -123,12 +80,12 @@ def timed(run_dir, task: str, **fields):
     finally:
         row = {"task": task, **fields, "seconds": round(time.perf_counter() - t0, 2), "ok": ok,
                "machine": machine_name()}
-        with open(Path(run_dir) / "timings.jsonl", "a") as f:
+        with open(RunFolder(run_dir).timings, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def read_timings(run_dir) -> list[dict]:
-    path = Path(run_dir) / "timings.jsonl"
+    path = RunFolder(run_dir).timings
     if not path.is_file():
         return []
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -139,8 +96,8 @@ def read_timings(run_dir) -> list[dict]:
 
 def build_data(cfg: Config, run_dir) -> dict:
     """Train sets for every difficulty a run can reach, held-out eval sets, a manifest and a sample."""
-    out = Path(run_dir) / "data"
-    manifest_path = out / "manifest.json"
+    run = RunFolder(run_dir)
+    out, manifest_path = run.data, run.manifest
     if manifest_path.is_file():
         return json.loads(manifest_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -148,20 +105,20 @@ def build_data(cfg: Config, run_dir) -> dict:
     sample = []
     for d in train_difficulties(cfg):
         recs = data.train_records(d, cfg.data.train_size, seed=cfg.data.seed)
-        data.save_dataset(recs, out / f"train_d{d}")
-        manifest["train"][str(d)] = {"path": f"train_d{d}", "n": len(recs)}
+        data.save_dataset(recs, run.dataset("train", d))
+        manifest["train"][str(d)] = {"path": run.dataset("train", d).name, "n": len(recs)}
         sample += recs[:2]
     for d in cfg.eval.difficulties:
         recs = data.eval_records(d, cfg.data.eval_size)
-        data.save_dataset(recs, out / f"eval_d{d}")
-        manifest["eval"][str(d)] = {"path": f"eval_d{d}", "n": len(recs)}
-    data.write_jsonl(sample, out / "sample.jsonl")
+        data.save_dataset(recs, run.dataset("eval", d))
+        manifest["eval"][str(d)] = {"path": run.dataset("eval", d).name, "n": len(recs)}
+    data.write_jsonl(sample, run.sample)
     data.atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the data complete
     return manifest
 
 
 def load_split(run_dir, split: str, difficulty: int) -> list[dict]:
-    return data.load_records(Path(run_dir) / "data" / f"{split}_d{difficulty}")
+    return data.load_records(RunFolder(run_dir).dataset(split, difficulty))
 
 
 # ---------------------------------------------------------------- the process-wide model cache
@@ -255,7 +212,7 @@ def clear_sessions() -> None:
 
 def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) -> Path:
     trainer = sess.get_trainer()
-    path = checkpoint.save_checkpoint(ckpt_root(run_dir), step, sess.model, trainer.state_dict(), info=info,
+    path = checkpoint.save_checkpoint(RunFolder(run_dir).checkpoints, step, sess.model, trainer.state_dict(), info=info,
                                       keep_last=sess.cfg.run.keep_checkpoints, files={
                                           "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
     sess.loaded = str(path)
@@ -264,7 +221,7 @@ def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) ->
 
 def run_sft(cfg: Config, run_dir, progress: bool = True) -> dict:
     """SFT warmup from the base model; writes checkpoint step_0 (also when SFT is off)."""
-    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
     if latest is not None:
         return {"skipped": True, "checkpoint": str(latest)}
     with timed(run_dir, "sft"):
@@ -298,9 +255,9 @@ def _sft(cfg: Config, run_dir, progress: bool) -> dict:
 
 def run_chunk(cfg: Config, run_dir, chunk: Chunk, progress: bool = True) -> dict:
     """Run updates chunk.start..chunk.end from the latest checkpoint and write a checkpoint."""
-    latest = checkpoint.latest_checkpoint(ckpt_root(run_dir))
+    latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
     if latest is None:
-        raise RuntimeError(f"no checkpoint under {ckpt_root(run_dir)}: run the SFT step first")
+        raise RuntimeError(f"no checkpoint under {RunFolder(run_dir).checkpoints}: run the SFT step first")
     info = json.loads((latest / "state.json").read_text())
     if info["step"] >= chunk.end:
         return {"skipped": True, "step": info["step"], "checkpoint": str(latest)}
@@ -360,10 +317,9 @@ def eval_engine(cfg: Config, model, tokenizer, progress: bool = True):
 
 def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
     """Greedy eval of checkpoint step_N on the held-out sets; writes evals/step_N.json."""
-    out = Path(run_dir) / "evals" / f"step_{step}.json"
+    out, ckpt = RunFolder(run_dir).eval_file(step), RunFolder(run_dir).checkpoint(step)
     if out.is_file():
         return json.loads(out.read_text())
-    ckpt = ckpt_root(run_dir) / f"step_{step}"
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint {ckpt} to evaluate (pruned? raise run.keep_checkpoints)")
     with timed(run_dir, "eval", step=step):

@@ -137,10 +137,12 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
     return path
 
 
-def write_report(cfg: Config, history: list[dict], evals: list[dict], out_dir) -> tuple[Path, Path]:
+def write_report(cfg: Config, history: list[dict], evals: list[dict], run_dir) -> tuple[Path, Path]:
+    """report.md and curves.png in a run folder."""
     from picorl.data import atomic_write_text
+    from picorl.run_folder import RunFolder
 
-    out_dir = Path(out_dir)
-    curves = plot_curves(history, evals, out_dir / "curves.png")
-    report = atomic_write_text(out_dir / "report.md", render_report(cfg, history, evals))
+    run = RunFolder(run_dir)
+    curves = plot_curves(history, evals, run.curves)
+    report = atomic_write_text(run.report, render_report(cfg, history, evals, curves_name=run.curves.name))
     return report, curves

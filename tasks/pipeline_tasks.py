@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import requests
 from mlflow.exceptions import MlflowException
@@ -21,8 +20,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from picorl import checkpoint, pipeline, report
-from picorl.config import load_config
 from picorl.plan import Chunk
+from picorl.run_folder import RunFolder
 from tasks import tracking
 
 TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException, ConnectionError, TimeoutError)
@@ -34,22 +33,21 @@ class TrackingOutage(RuntimeError):
 
 
 def run_config(run: dict):
-    return load_config(Path(run["run_dir"]) / "config.yaml")
+    return pipeline.run_config(run["run_dir"])
 
 
 def _deliver_once(run: dict, cfg) -> None:
     c = tracking.client()
-    parent, run_dir = run["parent_run_id"], Path(run["run_dir"])
-    for name in ("manifest.json", "sample.jsonl"):
-        f = run_dir / "data" / name
-        if f.is_file() and not tracking.has_artifact(c, parent, f"data/{name}"):
+    parent, folder = run["parent_run_id"], RunFolder(run["run_dir"])
+    for f in (folder.manifest, folder.sample):
+        if f.is_file() and not tracking.has_artifact(c, parent, f"data/{f.name}"):
             c.log_artifact(parent, str(f), "data")
-    tracking.sync_rows(c, parent, cfg, pipeline.read_history(run_dir) + pipeline.eval_rows(run_dir))
-    for f in sorted((run_dir / "evals").glob("step_*.json")):
+    tracking.sync_rows(c, parent, cfg, pipeline.read_history(folder.root) + pipeline.eval_rows(folder.root))
+    for f in folder.eval_files().values():
         table = f"eval/{f.name}"
         if not tracking.has_artifact(c, parent, table):
             tracking.log_eval_table(c, parent, json.loads(f.read_text())["items"], table)
-    for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+    for ckpt in checkpoint.list_checkpoints(folder.checkpoints):
         if not tracking.has_artifact(c, parent, f"checkpoints/{ckpt.name}"):
             c.log_artifacts(parent, str(ckpt), f"checkpoints/{ckpt.name}")
 
@@ -124,7 +122,7 @@ def write_report(run: dict) -> dict:
     c = tracking.client()
     c.log_artifact(run["parent_run_id"], str(md))
     c.log_artifact(run["parent_run_id"], str(png))
-    timings = Path(run["run_dir"]) / "timings.jsonl"
+    timings = RunFolder(run["run_dir"]).timings
     if timings.is_file():
         c.log_artifact(run["parent_run_id"], str(timings))
     return {"report": str(md), "curves": str(png)}

@@ -224,8 +224,8 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
 
 
 def test_a_run_folder_has_one_owner_and_a_dead_owner_keeps_nothing(tmp_path):
-    from picorl.pipeline import RunLock, RunLocked
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from picorl.pipeline import RunLock; "
+    from picorl.run_folder import RunLock, RunLocked
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from picorl.run_folder import RunLock; "
                                f"RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(600)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

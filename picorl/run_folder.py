@@ -1,0 +1,90 @@
+"""The run folder: its layout in one place, and who owns it while a run trains.
+
+A run folder holds everything a run needs to continue after a crash:
+    config.yaml                  the resolved config
+    data/                        train_dN/ and eval_dN/ datasets, manifest.json, sample.jsonl
+    checkpoints/step_N/          adapter + trainer state + state.json + history.jsonl
+    evals/step_N.json            per-difficulty summaries and per-item completions
+    timings.jsonl                each step's wall time and machine, failed tries included
+    report.md, curves.png        the training report
+    .lock                        held by the process training in it
+
+    run = RunFolder("outputs/smoke-20261126-120000-abcd1234")
+    run.checkpoint(4)            # .../checkpoints/step_4
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+
+class RunFolder:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    config = property(lambda self: self.root / "config.yaml")
+    data = property(lambda self: self.root / "data")
+    manifest = property(lambda self: self.data / "manifest.json")
+    sample = property(lambda self: self.data / "sample.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    evals = property(lambda self: self.root / "evals")
+    timings = property(lambda self: self.root / "timings.jsonl")
+    report = property(lambda self: self.root / "report.md")
+    curves = property(lambda self: self.root / "curves.png")
+    lock = property(lambda self: self.root / ".lock")
+
+    @staticmethod
+    def new_path(output_dir, name: str, flow_run_id: str) -> Path:
+        """outputs/<name>-<date>-<time>-<first 8 of the flow run id>: unique, and sorted by start."""
+        return Path(output_dir).resolve() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_id[:8]}"
+
+    def dataset(self, split: str, difficulty: int) -> Path:
+        return self.data / f"{split}_d{difficulty}"
+
+    def checkpoint(self, step: int) -> Path:
+        from picorl.checkpoint import step_path
+        return step_path(self.checkpoints, step)
+
+    def eval_file(self, step: int) -> Path:
+        return self.evals / f"step_{step}.json"
+
+    def eval_files(self) -> dict[int, Path]:
+        """{step: evals/step_N.json}, oldest first."""
+        found = {int(p.stem[5:]): p for p in self.evals.glob("step_*.json") if p.stem[5:].isdigit()}
+        return dict(sorted(found.items()))
+
+
+class RunLocked(RuntimeError):
+    """Another live process owns the run folder."""
+
+
+class RunLock:
+    """Exclusive ownership of a run folder while a process trains in it.
+
+    An advisory lock (flock) on the folder's .lock file: the kernel drops it when its holder
+    exits, however it exits, so a crashed or killed run never keeps its folder locked. The
+    file names the holder (pid and host) for the message a second process gets.
+    """
+
+    def __init__(self, run_dir):
+        self.fd = os.open(RunFolder(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RunLocked(f"run folder {run_dir} is in use by {holder}; wait for it to finish or stop it "
+                            "first (a second process would log every step twice)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
