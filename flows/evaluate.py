@@ -1,44 +1,18 @@
 """Evaluate a model (+ adapter, or an MLflow run's checkpoint) on the held-out sets; log to MLflow.
 
+    evaluate -> log (tasks/evaluation.py)
+
     python -m flows.evaluate --run RUN_ID                 # the run's latest checkpoint
     python -m flows.evaluate --model smollm2-135m-instruct --adapter path/to/adapter
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from picorl import checkpoint, data, evaluate, models
-from picorl.config import load_config
-from picorl.run_folder import RunFolder
-from tasks import tracking
-
-
-def resolve_adapter(run_id: str, step: int | None) -> tuple[str, Path]:
-    """(model name, adapter folder) of an MLflow training run's checkpoint (latest when step is None)."""
-    run = tracking.client().get_run(run_id)
-    folder = RunFolder(run.data.tags.get("picorl.run_dir", ""))
-    cfg = load_config(folder.config)
-    root = folder.checkpoints
-    ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(root)
-    if ckpt is None or not (ckpt / "adapter").is_dir():
-        raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {root}" +
-                                (f" for step {step}" if step is not None else ""))
-    return cfg.model.name, ckpt / "adapter"
-
-
-@task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(model_name: str, adapter: str | None, difficulties: list[int], size: int,
-                   max_tokens: int, batch_size: int, seed: int) -> dict:
-    model, tok = models.load_model(model_name)
-    if adapter:
-        model = models.load_adapter(model, adapter)
-    sets = {d: data.eval_records(d, size, seed=seed) for d in difficulties}
-    by_d, items = evaluate.evaluate_sets(model, tok, sets, max_tokens=max_tokens, batch_size=batch_size)
-    return {"by_difficulty": {str(d): s for d, s in by_d.items()}, "items": items}
+from picorl import data, models
+from tasks.evaluation import adapter_of_run, evaluate_model, log_evaluation
 
 
 @flow(name="picorl-evaluate")
@@ -47,19 +21,11 @@ def evaluate_flow(model: str = models.EMBEDDED, adapter: str | None = None, run_
                   max_tokens: int = 512, batch_size: int = 32, seed: int = data.EVAL_SEED,
                   experiment: str = "picorl") -> dict:
     if run_id:
-        model, adapter_path = resolve_adapter(run_id, step)
+        model, adapter_path = adapter_of_run(run_id, step)
         adapter = str(adapter_path)
     result = evaluate_model(model, adapter, list(difficulties), size, max_tokens, batch_size, seed)
-    c = tracking.client()
-    run = c.create_run(tracking.experiment_id(c, experiment), run_name=f"eval-{Path(adapter).parent.name if adapter else model}",
-                       tags={"picorl.eval_of": run_id or adapter or model, "picorl.model": model})
-    rid = run.info.run_id
-    tracking.log_params(c, rid, {"model": model, "adapter": adapter, "size": size, "seed": seed})
-    from picorl.pipeline import eval_row
-    tracking.sync_rows(c, rid, None, [{**eval_row({"step": step or 0, "by_difficulty": result["by_difficulty"]}),
-                                       "stage": None}])
-    tracking.log_eval_table(c, rid, result["items"], "eval/items.json")
-    c.set_terminated(rid, "FINISHED")
+    rid = log_evaluation(result, experiment=experiment, model=model, adapter=adapter,
+                         of=run_id or adapter or model, step=step, size=size, seed=seed)
     summary = {d: s["exact"] for d, s in result["by_difficulty"].items()}
     print(f"exact by difficulty: {summary}  (MLflow run {rid})")
     return {"run_id": rid, "by_difficulty": result["by_difficulty"]}

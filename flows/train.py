@@ -44,30 +44,23 @@ def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
 
 def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, RunLock]:
     """The MLflow parent run and run folder (new, or those of the run being resumed), locked."""
-    c = tracking.client()
     flow_run_id = str(runtime.flow_run.id or "local")
     if resume:
         try:
-            parent = c.get_run(resume)
-        except Exception:
-            raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking.tracking_uri()}") from None
-        run_dir = parent.data.tags.get("picorl.run_dir")
+            run_dir = tracking.run_dir_of(resume)
+        except LookupError as e:
+            raise ConfigError(f"--resume {resume}: {e}") from None
         if not run_dir or not RunFolder(run_dir).config.is_file():
             raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
         refuse_changes_on_resume(pipeline.run_config(run_dir), overrides)
         lock = RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
-        c.update_run(resume, status="RUNNING")
-        tracking.set_tags(c, resume, {"prefect.flow_run_id": flow_run_id})
+        tracking.reopen_parent_run(resume, flow_run_id)
         return {"run_dir": run_dir, "parent_run_id": resume}, lock
     run_dir = RunFolder.new_path(cfg.run.output_dir, cfg.run.name, flow_run_id)
     pipeline.prepare_run_dir(cfg, run_dir)
     lock = RunLock(run_dir)
-    exp = tracking.experiment_id(c, cfg.run.experiment)
-    parent = c.create_run(exp, run_name=cfg.run.name, tags={
-        "prefect.flow_run_id": flow_run_id, "picorl.run_dir": str(run_dir), "picorl.parent": "true"})
-    tracking.log_config(c, parent.info.run_id, cfg)
-    c.log_artifact(parent.info.run_id, str(RunFolder(run_dir).config))
-    return {"run_dir": str(run_dir), "parent_run_id": parent.info.run_id}, lock
+    parent = tracking.open_parent_run(cfg, run_dir, RunFolder(run_dir).config, flow_run_id)
+    return {"run_dir": str(run_dir), "parent_run_id": parent}, lock
 
 
 @flow(name="picorl-train")
@@ -91,14 +84,13 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
         out = t.write_report.with_options(**opts)(run)
     except BaseException:
         try:
-            tracking.finish(tracking.client(), run["parent_run_id"], "FAILED")
+            tracking.close_parent_run(run["parent_run_id"], "FAILED")
         except Exception as e:  # e.g. MLflow itself is down: the original error matters more
             print(f"could not mark MLflow run {run['parent_run_id']} FAILED: {e}")
         raise
     finally:
         lock.release()
-    tracking.finish(tracking.client(), run["parent_run_id"], "FINISHED")
-    c = tracking.client()
+    hint = tracking.close_parent_run(run["parent_run_id"], "FINISHED")
     print(f"report: {out['report']}")
-    print(f"MLflow: {tracking.ui_hint(c.get_run(run['parent_run_id']).info.experiment_id, run['parent_run_id'])}")
+    print(f"MLflow: {hint}")
     return {**run, **out, "evals": evals}

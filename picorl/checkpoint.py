@@ -14,25 +14,17 @@ pruned only after the new one is in place.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from picorl.faults import fault_point
+from picorl.files import atomic_folder
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _is_peft(model) -> bool:
@@ -86,26 +78,14 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict, inf
     for stale in root.glob(".step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = step_path(root, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", suffix=".tmp", dir=root))
-    try:
+    # replace: a retry rewriting the same step swaps the new copy in whole.
+    with atomic_folder(final, replace=True, fsync=True) as tmp:
         save_model_weights(model, tmp)
         fault_point("checkpoint", step)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         (tmp / "state.json").write_text(json.dumps({"step": step, **(info or {})}, indent=2, default=str))
-        _fsync_tree(tmp)
-        if final.exists():  # a retry rewriting the same step: the new copy replaces it whole
-            old = root / f".step_{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

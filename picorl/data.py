@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 
 from picorl.envs.letter_counting import build_messages, check_difficulty, make_task
+from picorl.files import atomic_folder, atomic_write_text  # noqa: F401 (atomic_write_text: data.atomic_write_text)
 
 EVAL_SEED = 1234
 # Eval sets are generated at this size and sliced, so a smaller eval is a prefix of a larger
@@ -112,33 +109,6 @@ def generate(split: str, difficulty: int, n: int, seed: int) -> list[dict]:
 # ---------------------------------------------------------------- JSONL files
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OSError(f"cannot write {path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        # mkstemp makes the file 0600; a replaced file keeps its mode, a new one gets the umask's.
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -221,16 +191,8 @@ def from_dataset(ds) -> list[dict]:
 def save_dataset(records: list[dict], path: str | Path) -> Path:
     """Save records with `Dataset.save_to_disk`, atomically (temp folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path, replace=True) as tmp:
         to_dataset(records).save_to_disk(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from picorl.config import load_config
 from picorl.data import fresh_records, write_jsonl
+from picorl.files import atomic_folder
 from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
 
@@ -89,9 +89,7 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     if missing:
         raise FileNotFoundError(f"missing from the run folder: {', '.join(missing)} (the flow's report step writes "
                                 "report.md and curves.png)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for p in needed:
             shutil.copy2(p, tmp / p.name)
         (tmp / "adapter").mkdir()
@@ -106,8 +104,4 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
             summary["fresh_exact"] = per_difficulty(by_d, "exact")
             summary["fresh_n"] = fresh
         (tmp / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

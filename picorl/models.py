@@ -12,11 +12,11 @@ Weights load and save as safetensors only.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from picorl.files import atomic_folder
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
@@ -57,8 +57,9 @@ def embedded_gguf() -> Path:
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors folder, converting from the GGUF on first use.
 
-    The conversion writes to a private temp folder and renames it into place, so a crash
-    or a second process converting at the same time never leaves a half-written model.
+    The conversion writes to a private temp folder and renames it into place
+    (picorl/files.py), so a crash or a second process converting at the same time never
+    leaves a half-written model.
     """
     target = cache_dir() / "models" / EMBEDDED
     if (target / "config.json").is_file():
@@ -66,9 +67,7 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}.", dir=target.parent))
-    try:
+    with atomic_folder(target, lost_race_ok=True) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantized now, but the model still calls itself GGUF-quantized
@@ -81,15 +80,6 @@ def embedded_model_dir() -> Path:
         model.generation_config = gguf_model.generation_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race: a real failure
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

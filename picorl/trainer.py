@@ -13,6 +13,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,6 +35,17 @@ def letter_reward(kind: str, format_bonus: float) -> RewardFn:
         return (reward_of(parsed, r["answer"], kind=kind, format_bonus=format_bonus),
                 fraction_right(parsed, r["answer"]) == 1.0)
     return reward
+
+
+@dataclass
+class Rollouts:
+    """What `collect` gathered for one update."""
+    tasks: list[dict]                          # the records kept (one per group)
+    groups: list[list[Completion]]             # their k completions each
+    scored: list[list[tuple[float, bool]]]     # (reward, fully correct) per completion
+    first_round: list[tuple[float, bool]]      # every completion of the first round, for metrics
+    rollout_s: float                           # seconds in the engine, scoring excluded
+    stats: dict                                # groups and tokens rolled out, seconds scoring
 
 
 def _tokens(groups) -> int:
@@ -75,7 +87,7 @@ class GRPOTrainer:
         scored = [[self.reward_fn(c, rec) for c in grp] for grp, rec in zip(groups, records)]
         return groups, scored, time.perf_counter() - t0
 
-    def collect(self, records: list[dict]):
+    def collect(self, records: list[dict]) -> Rollouts:
         """Sample tasks and roll them out; with dynamic sampling, refill zero-variance groups."""
         g, cfg = self.cfg.grpo, self.cfg
         rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}")
@@ -102,8 +114,8 @@ class GRPOTrainer:
             kept = kept[:g.tasks_per_update]
             tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         stats["reward_s"] = reward_s
-        rollout_s = time.perf_counter() - t0 - reward_s
-        return tasks, groups, scored, all_rewards, rollout_s, stats
+        first_round = all_rewards[:g.tasks_per_update * g.group_size]
+        return Rollouts(tasks, groups, scored, first_round, time.perf_counter() - t0 - reward_s, stats)
 
     # ------------------------------------------------------------ the update
 
@@ -111,8 +123,8 @@ class GRPOTrainer:
         """One policy update on tasks drawn from `records`; returns its metrics."""
         g = self.cfg.grpo
         t_start = time.perf_counter()
-        _, groups, scored, all_rewards, rollout_s, stats = self.collect(records)
-        first_round = all_rewards[:g.tasks_per_update * g.group_size]
+        got = self.collect(records)
+        groups, scored, first_round, rollout_s, stats = got.groups, got.scored, got.first_round, got.rollout_s, got.stats
         rewards_first = torch.tensor([r for r, _ in first_round], dtype=torch.float)
         _, zero_var_first = group_advantages(rewards_first, g.group_size, scale="none")
         metrics = {

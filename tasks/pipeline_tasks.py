@@ -77,38 +77,35 @@ def deliver(run: dict, cfg, *, wait: bool = False) -> bool:
             time.sleep(min(5.0, max(limit - down, 0.1)))
 
 
+def run_step(run: dict, step, *args):
+    """The one shape of a pipeline task: the picorl step on the run's folder with the run's
+    config, then MLflow brought up to date with the folder, also when the step failed
+    (whatever reached a checkpoint, e.g. before a numerical stop, is delivered)."""
+    cfg = run_config(run)
+    try:
+        return step(cfg, run["run_dir"], *args)
+    finally:
+        deliver(run, cfg)
+
+
 @task(name="build-data", cache_policy=NO_CACHE)
 def build_data(run: dict) -> dict:
-    cfg = run_config(run)
-    manifest = pipeline.build_data(cfg, run["run_dir"])
-    deliver(run, cfg)
-    return manifest
+    return run_step(run, pipeline.build_data)
 
 
 @task(name="sft", cache_policy=NO_CACHE)
 def sft(run: dict) -> dict:
-    cfg = run_config(run)
-    out = pipeline.run_sft(cfg, run["run_dir"])
-    deliver(run, cfg)
-    return out
+    return run_step(run, pipeline.run_sft)
 
 
 @task(name="grpo-chunk", task_run_name="grpo-{chunk[start]}-{chunk[end]}", cache_policy=NO_CACHE)
 def grpo_chunk(run: dict, chunk: dict) -> dict:
-    cfg = run_config(run)
-    try:
-        out = pipeline.run_chunk(cfg, run["run_dir"], Chunk(**chunk))
-    finally:
-        # Whatever reached a checkpoint (also the one written before a numerical stop) is delivered.
-        deliver(run, cfg)
-    return out
+    return run_step(run, pipeline.run_chunk, Chunk(**chunk))
 
 
 @task(name="eval", task_run_name="eval-{step}", cache_policy=NO_CACHE)
 def evaluate(run: dict, step: int) -> dict:
-    cfg = run_config(run)
-    result = pipeline.run_eval(cfg, run["run_dir"], step)
-    deliver(run, cfg)
+    result = run_step(run, pipeline.run_eval, step)
     return {"step": step, **{f"d{d}": s["exact"] for d, s in result["by_difficulty"].items()}}
 
 

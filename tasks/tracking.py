@@ -173,3 +173,42 @@ def finish(c: MlflowClient, parent_id: str, status: str) -> None:
     for child in c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"):
         c.set_terminated(child.info.run_id, status)
     c.set_terminated(parent_id, status)
+
+
+# ---------------------------------------------------------------- parent runs of the training flow
+
+
+def run_dir_of(run_id: str) -> str | None:
+    """The picorl run folder an MLflow run was made for (its `picorl.run_dir` tag); None if it has none.
+
+    Raises LookupError when there is no such run at the tracking URI.
+    """
+    try:
+        run = client().get_run(run_id)
+    except Exception:
+        raise LookupError(f"no such MLflow run {run_id} at {tracking_uri()}") from None
+    return run.data.tags.get("picorl.run_dir")
+
+
+def open_parent_run(cfg, run_dir, config_file, flow_run_id: str) -> str:
+    """A new parent run for a training run folder: its config as params and artifact. Returns its id."""
+    c = client()
+    parent = c.create_run(experiment_id(c, cfg.run.experiment), run_name=cfg.run.name, tags={
+        "prefect.flow_run_id": flow_run_id, "picorl.run_dir": str(run_dir), "picorl.parent": "true"})
+    log_config(c, parent.info.run_id, cfg)
+    c.log_artifact(parent.info.run_id, str(config_file))
+    return parent.info.run_id
+
+
+def reopen_parent_run(run_id: str, flow_run_id: str) -> None:
+    """Mark a resumed parent run RUNNING again, under the flow run that continues it."""
+    c = client()
+    c.update_run(run_id, status="RUNNING")
+    set_tags(c, run_id, {"prefect.flow_run_id": flow_run_id})
+
+
+def close_parent_run(run_id: str, status: str) -> str | None:
+    """Mark the parent run FINISHED or FAILED; returns the command that opens it in the MLflow UI."""
+    c = client()
+    finish(c, run_id, status)
+    return ui_hint(c.get_run(run_id).info.experiment_id, run_id)

@@ -80,7 +80,8 @@ def test_micro_batches_and_shared_prefixes_give_the_full_batch_gradient(tokenize
         for mb, shared in ((32, "false"), (5, "false"), (32, "true"), (5, "true")):
             trainer, _ = make(tokenizer, f"grpo.algorithm={algorithm}", f"grpo.micro_batch_size={mb}",
                               "grpo.max_resample_rounds=0", f"grpo.shared_prefix={shared}")
-            tasks, groups, scored, *_ = trainer.collect(RECORDS)
+            got = trainer.collect(RECORDS)
+            tasks, groups, scored = got.tasks, got.groups, got.scored
             rewards = torch.tensor([r for s in scored for r, _ in s])
             adv, _ = group_advantages(rewards, 8, scale=trainer.algo["scale"])
             completions = [c for g in groups for c in g]
