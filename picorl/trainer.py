@@ -20,6 +20,7 @@ import torch
 
 from picorl.batching import distinct_rows, pad_batch
 from picorl.data import messages_of
+from picorl.distributed import all_sum, gather, rank_and_world, sum_gradients
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
 from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, shared_prefix_logprobs, token_logprobs
@@ -90,10 +91,15 @@ class GRPOTrainer:
     def collect(self, records: list[dict]) -> Rollouts:
         """Sample tasks and roll them out; with dynamic sampling, refill zero-variance groups."""
         g, cfg = self.cfg.grpo, self.cfg
+        rank, world = rank_and_world()
         rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}")
-        tasks = [rng.choice(records) for _ in range(g.tasks_per_update)]
+        tasks = [rng.choice(records) for _ in range(g.tasks_per_update)][rank::world]  # whole groups per rank
+        quota = len(tasks)
+        if world > 1:  # refills and samples differ per rank; one process keeps its old draws
+            rng = random.Random(f"tasks/{cfg.run.seed}/{self.step}/rank{rank}")
+        seed = cfg.run.seed * 1_000_003 + self.step + rank * 104_729
         t0 = time.perf_counter()
-        groups, scored, reward_s = self._rollout(tasks, seed=cfg.run.seed * 1_000_003 + self.step)
+        groups, scored, reward_s = self._rollout(tasks, seed=seed)
         fault_point("rollout", self.step + 1)
         stats = {"rollout_groups": len(groups), "rollout_tokens": _tokens(groups)}
         all_rewards = [s for grp in scored for s in grp]
@@ -101,20 +107,19 @@ class GRPOTrainer:
             keep = lambda s: len({x[0] for x in s}) > 1  # noqa: E731
             kept = [(t, gr, s) for t, gr, s in zip(tasks, groups, scored) if keep(s)]
             for round_ in range(g.max_resample_rounds):
-                if len(kept) >= g.tasks_per_update:
+                if len(kept) >= quota:
                     break
-                more = [rng.choice(records) for _ in range(g.tasks_per_update - len(kept))]
-                mg, ms, more_reward_s = self._rollout(
-                    more, seed=cfg.run.seed * 1_000_003 + self.step + (round_ + 1) * 7919)
+                more = [rng.choice(records) for _ in range(quota - len(kept))]
+                mg, ms, more_reward_s = self._rollout(more, seed=seed + (round_ + 1) * 7919)
                 reward_s += more_reward_s
                 stats["rollout_groups"] += len(mg)
                 stats["rollout_tokens"] += _tokens(mg)
                 all_rewards += [s for grp in ms for s in grp]
                 kept += [(t, gr, s) for t, gr, s in zip(more, mg, ms) if keep(s)]
-            kept = kept[:g.tasks_per_update]
+            kept = kept[:quota]
             tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         stats["reward_s"] = reward_s
-        first_round = all_rewards[:g.tasks_per_update * g.group_size]
+        first_round = gather(all_rewards[:quota * g.group_size])  # every rank's, for the metrics
         return Rollouts(tasks, groups, scored, first_round, time.perf_counter() - t0 - reward_s, stats)
 
     # ------------------------------------------------------------ the update
@@ -141,7 +146,7 @@ class GRPOTrainer:
         # Per-task fraction correct over the first round, for the curriculum's rolling window.
         metrics["task_correct"] = [sum(c for _, c in first_round[i:i + g.group_size]) / g.group_size
                                    for i in range(0, len(first_round), g.group_size)]
-        if not groups:
+        if all_sum([len(groups)])[0] == 0:  # on no rank: every rank skips alike
             return self._finish(metrics, t_start, loss=0.0, kl=0.0, grad_norm=0.0, skipped=True,
                                 reason="no group with reward variance")
         rewards = torch.tensor([r for s in scored for r, _ in s], dtype=torch.float)
@@ -153,6 +158,7 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         t_loss = time.perf_counter()
         loss_val, kl_val, clip = self._optimise(completions, group_of, adv)
+        sum_gradients(self.params)  # data parallel: the whole batch's gradient on every rank
         t_opt = time.perf_counter()
         metrics["loss_backward_s"] = t_opt - t_loss
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, g.max_grad_norm).item()
@@ -198,7 +204,8 @@ class GRPOTrainer:
         agg, mb = self.algo["agg"], g.micro_batch_size
         max_len = self.cfg.rollout.max_tokens
         n = len(completions)
-        total_tokens = sum(len(c.token_ids) for c in completions)
+        # Weights are shares of the whole batch, over every rank (picorl/distributed.py).
+        n_all, total_tokens = (int(x) for x in all_sum([n, sum(len(c.token_ids) for c in completions)]))
         # Zero-advantage sequences add nothing to the policy loss; without a KL term, skip their forward.
         idx = [i for i in range(n) if g.kl_coef > 0 or adv[i] != 0]
         parts = [idx[s:s + mb] for s in range(0, len(idx), mb)]
@@ -221,7 +228,7 @@ class GRPOTrainer:
                         old_lp[j][cm[j].bool()] = old[i]
                 else:
                     old_lp = logp.detach()
-                weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / n
+                weight = (cm.sum().item() / max(total_tokens, 1)) if agg == "token" else len(part) / n_all
                 a = adv[part].to(self.device)
                 loss, m = policy_loss(logp, old_lp, a, cm, eps_low=g.eps_low, eps_high=self.eps_high,
                                       agg=agg, max_len=max_len, return_metrics=True)
@@ -235,6 +242,7 @@ class GRPOTrainer:
                 clip_sum += m["clip_frac"]
                 n_mb += 1
         self.model.eval()
+        loss_sum, kl_sum, clip_sum, n_mb = all_sum([loss_sum, kl_sum, clip_sum, n_mb])
         return loss_sum, kl_sum / g.epochs, clip_sum / max(n_mb, 1)
 
     @torch.no_grad()
