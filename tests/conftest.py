@@ -26,6 +26,28 @@ def tiny_model(tokenizer):
     return tiny_llama(len(tokenizer)).eval()
 
 
+def trainer_logprobs(model, tok, completions) -> list[list[float]]:
+    """The trainer's log-probs of each completion's tokens given its prompt (what engines must report)."""
+    import torch
+
+    from picorl.batching import pad_batch
+    from picorl.grpo import token_logprobs
+    seqs = [c.prompt_ids + c.token_ids for c in completions]
+    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in completions]
+    with torch.no_grad():
+        lp, m = token_logprobs(model, *pad_batch(seqs, masks, tok.pad_token_id, next(model.parameters()).device))
+    return [lp[j][m[j].bool()].tolist() for j in range(len(completions))]
+
+
+def kill_session(p) -> None:
+    """SIGKILL a process started with start_new_session=True and everything it started (e.g. a Prefect server)."""
+    import signal
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait_http(url: str, log: Path, timeout_s: float = 120) -> None:
     """Wait until a server we started answers `url`; on timeout, fail with the tail of its log."""
     deadline = time.time() + timeout_s

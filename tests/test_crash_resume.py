@@ -5,13 +5,13 @@ resumes it with `--resume RUN_ID`, and checks through MlflowClient that every st
 logged exactly once, contiguous, and that the final adapter equals an uninterrupted run's.
 """
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_session
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +34,7 @@ def train(tmp_path, *extra, fault=None):
         try:
             p.wait(timeout=600)
         finally:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_session(p)
     return subprocess.CompletedProcess(p.args, p.returncode, "", log.read_text())
 
 

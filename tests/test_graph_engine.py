@@ -1,10 +1,9 @@
 """The graph engine (picorl/rollout/graph.py) run eagerly on CPU: parity with the hf engine."""
 import pytest
 import torch
+from conftest import trainer_logprobs
 
 from picorl import data, models
-from picorl.batching import pad_batch
-from picorl.grpo import token_logprobs
 from picorl.rollout import Sampling, make_engine
 from picorl.rollout.graph import GraphEngine, buckets_for
 from picorl.rollout.hf import HFEngine
@@ -21,14 +20,6 @@ def perturb_adapter(model, std=0.5, seed=0):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def trainer_logprobs(model, tok, completions):
-    seqs = [c.prompt_ids + c.token_ids for c in completions]
-    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in completions]
-    with torch.no_grad():
-        lp, m = token_logprobs(model, *pad_batch(seqs, masks, tok.pad_token_id, "cpu"))
-    return [lp[j][m[j].bool()].tolist() for j in range(len(completions))]
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -121,17 +112,6 @@ def test_groups_map_back_to_their_prompts_across_chunks_and_lengths(tiny_model, 
     flat = [c for g in groups for c in g]
     for c, ours in zip(flat, trainer_logprobs(tiny_model, tokenizer, flat)):
         assert c.logprobs == pytest.approx(ours, abs=2e-3)
-
-
-def test_a_seed_reproduces_and_chunking_changes_no_greedy_token(tiny_model, tokenizer):
-    s = Sampling(temperature=1.0, max_tokens=6, seed=7)
-    engine = GraphEngine(tiny_model, tokenizer, batch_size=8, progress=False)
-    first = [c.token_ids for g in engine.generate(prompts(2), 3, s) for c in g]
-    assert first == [c.token_ids for g in engine.generate(prompts(2), 3, s) for c in g]
-    greedy = Sampling(temperature=0.0, max_tokens=6)
-    wide = GraphEngine(tiny_model, tokenizer, batch_size=64, progress=False).generate(prompts(5), 1, greedy)
-    narrow = GraphEngine(tiny_model, tokenizer, batch_size=2, progress=False).generate(prompts(5), 1, greedy)
-    assert [g[0].token_ids for g in wide] == [g[0].token_ids for g in narrow]
 
 
 def test_stops_at_a_stop_token_and_at_max_tokens(tiny_model, tokenizer):

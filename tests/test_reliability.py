@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_http
+from conftest import kill_session, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -149,10 +149,7 @@ def test_two_runs_at_once_stay_apart(tmp_path):
         try:
             assert p.wait(600) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
         finally:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_session(p)
     from mlflow.tracking import MlflowClient
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     parents = c.search_runs([c.get_experiment_by_name("picorl").experiment_id],
@@ -213,10 +210,7 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
                                                           capture_output=True, text=True).stdout
             time.sleep(0.5)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_session(p)
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (parent,) = c.search_runs([c.get_experiment_by_name("picorl").experiment_id],
                               filter_string="tags.`picorl.parent` = 'true'")

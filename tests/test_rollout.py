@@ -3,6 +3,7 @@ import torch
 
 from picorl import data
 from picorl.rollout import Sampling, make_engine
+from picorl.rollout.graph import GraphEngine
 from picorl.rollout.hf import HFEngine
 
 
@@ -21,15 +22,20 @@ def test_groups_hold_n_completions_per_prompt_in_order(tiny_model, tokenizer):
             assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
-def test_greedy_is_deterministic_and_independent_of_chunking(tiny_model, tokenizer):
+ENGINES = [HFEngine, GraphEngine]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_is_deterministic_and_independent_of_chunking(tiny_model, tokenizer, engine):
     s = Sampling(temperature=0.0, max_tokens=6)
-    a = HFEngine(tiny_model, tokenizer, batch_size=64, progress=False).generate(prompts(5), 1, s)
-    b = HFEngine(tiny_model, tokenizer, batch_size=2, progress=False).generate(prompts(5), 1, s)
+    a = engine(tiny_model, tokenizer, batch_size=64, progress=False).generate(prompts(5), 1, s)
+    b = engine(tiny_model, tokenizer, batch_size=2, progress=False).generate(prompts(5), 1, s)
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
 
 
-def test_sampling_seed_reproduces(tiny_model, tokenizer):
-    eng = HFEngine(tiny_model, tokenizer, progress=False)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampling_seed_reproduces(tiny_model, tokenizer, engine):
+    eng = engine(tiny_model, tokenizer, progress=False)
     s = Sampling(temperature=1.0, max_tokens=5, seed=7)
     first = [c.token_ids for g in eng.generate(prompts(2), 3, s) for c in g]
     assert first == [c.token_ids for g in eng.generate(prompts(2), 3, s) for c in g]

@@ -81,7 +81,7 @@ def test_micro_batches_and_shared_prefixes_give_the_full_batch_gradient(tokenize
             trainer, _ = make(tokenizer, f"grpo.algorithm={algorithm}", f"grpo.micro_batch_size={mb}",
                               "grpo.max_resample_rounds=0", f"grpo.shared_prefix={shared}")
             got = trainer.collect(RECORDS)
-            tasks, groups, scored = got.tasks, got.groups, got.scored
+            groups, scored = got.groups, got.scored
             rewards = torch.tensor([r for s in scored for r, _ in s])
             adv, _ = group_advantages(rewards, 8, scale=trainer.algo["scale"])
             completions = [c for g in groups for c in g]

@@ -3,12 +3,11 @@ import gc
 
 import pytest
 import torch
+from conftest import trainer_logprobs
 
 from picorl import data, models
-from picorl.grpo import token_logprobs
 from picorl.rollout import Sampling
 from picorl.rollout.hf import HFEngine
-from picorl.batching import pad_batch
 
 pytest.importorskip("vllm")
 MAX_TOKENS = 24
@@ -25,13 +24,7 @@ def greedy_agree(hf, engine, model, tok, prompts, tag):
         # later token under different kernels, so the first 16 must match exactly.
         assert x.token_ids[:16] == y.token_ids[:16], (tag, x.text, y.text)
     # The sampling log-probs vLLM reports match what the trainer computes for the same tokens.
-    seqs = [c.prompt_ids + c.token_ids for c in b]
-    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in b]
-    ids, attn, cm = pad_batch(seqs, masks, tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        lp, m = token_logprobs(model, ids, attn, cm)
-    for j, c in enumerate(b):
-        ours = lp[j][m[j].bool()].tolist()
+    for c, ours in zip(b, trainer_logprobs(model, tok, b)):
         assert ours == pytest.approx(c.logprobs, abs=2e-3), tag
     return [c.token_ids for c in b]
 
