@@ -183,7 +183,22 @@ def cmd_export(args) -> None:
         out = export_run(args.run_dir, args.out, step=args.step, fresh=args.fresh)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
-    print(json.dumps({"out": str(out), **json.loads((out / "run.json").read_text())}))
+    summary = {"out": str(out), **json.loads((out / "run.json").read_text())}
+    if args.mlflow:
+        summary["mlflow"] = export_mlflow_records(args.run_dir, out)
+    print(json.dumps(summary))
+
+
+def export_mlflow_records(run_dir, out) -> dict:
+    """The run's MLflow records into out/mlruns; on failure none of them stay (the export does)."""
+    import shutil
+
+    from tasks import tracking
+    try:
+        return tracking.export_records(run_dir, out)
+    except Exception as e:  # MLflow down, or no run for this folder: the rest of the export stands
+        shutil.rmtree(out / tracking.PORTABLE_STORE, ignore_errors=True)
+        raise UsageError(f"exported {out}, but not its MLflow records: {str(e).splitlines()[0][:300]}") from None
 
 
 def config_table() -> str:
@@ -236,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--step", type=int, default=None, help="the evaluated step to export (default: the last)")
     x.add_argument("--fresh", type=int, default=0, metavar="N",
                    help="also evaluate the adapter on N fresh items per eval difficulty (fresh_eval.jsonl)")
+    x.add_argument("--mlflow", action="store_true",
+                   help="bring the run's MLflow records along (OUT/mlruns), so `mlflow ui` opens it anywhere")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="print every config key with its default and help, as markdown")

@@ -212,3 +212,64 @@ def close_parent_run(run_id: str, status: str) -> str | None:
     c = client()
     finish(c, run_id, status)
     return ui_hint(c.get_run(run_id).info.experiment_id, run_id)
+
+
+# ---------------------------------------------------------------- a run's records, portable
+
+
+PORTABLE_STORE = "mlruns"  # inside an exported results folder: mlflow.db and artifacts/
+
+
+def portable_ui_hint(folder) -> str:
+    return (f"cd {folder} && mlflow ui --backend-store-uri sqlite:///{PORTABLE_STORE}/mlflow.db "
+            f"--artifacts-destination {PORTABLE_STORE}/artifacts --host 127.0.0.1 --port 5000")
+
+
+def export_records(run_dir, out_dir) -> dict:
+    """Copy a training run's MLflow records (parent and stage runs: params, tags, metric
+    histories, artifacts) into out_dir/mlruns, so that `mlflow ui` opens them on any machine.
+
+    The copy's artifact locations are `mlflow-artifacts:/...` URIs, which `mlflow ui
+    --artifacts-destination mlruns/artifacts` resolves relative to where it is started
+    (portable_ui_hint); a plain local store would record this machine's absolute paths.
+    Returns {"runs": copied run count, "ui": the command that opens them}.
+    """
+    import shutil
+    import tempfile
+
+    src = client()
+    run_dir = str(Path(run_dir).resolve())
+    parents = src.search_runs([e.experiment_id for e in src.search_experiments()],
+                              filter_string=f"tags.`picorl.run_dir` = '{run_dir}' and tags.`picorl.parent` = 'true'")
+    if not parents:
+        raise LookupError(f"no MLflow run at {tracking_uri()} has tag picorl.run_dir={run_dir}")
+    parent = parents[0]
+    children = src.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    store = Path(out_dir) / PORTABLE_STORE
+    (store / "artifacts").mkdir(parents=True, exist_ok=True)
+    dst = MlflowClient(tracking_uri=f"sqlite:///{(store / 'mlflow.db').resolve()}")
+    name = src.get_experiment(parent.info.experiment_id).name
+    exp = dst.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else dst.create_experiment(name, artifact_location=f"mlflow-artifacts:/{name}")
+    dst.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    new_ids = {}
+    for run in [parent, *children]:
+        tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.parentRunId"}
+        if "mlflow.parentRunId" in run.data.tags:
+            tags["mlflow.parentRunId"] = new_ids[parent.info.run_id]
+        copy = dst.create_run(exp_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
+        rid = copy.info.run_id
+        new_ids[run.info.run_id] = rid
+        params = [Param(k, v) for k, v in run.data.params.items()]
+        metrics = [m for key in run.data.metrics for m in src.get_metric_history(run.info.run_id, key)]
+        for i in range(0, max(len(params), len(metrics)), 500):
+            dst.log_batch(rid, metrics=metrics[i:i + 500], params=params[i:i + 500])
+        # Artifacts go straight into the folder that `--artifacts-destination` serves.
+        with tempfile.TemporaryDirectory() as tmp:
+            if src.list_artifacts(run.info.run_id):
+                got = src.download_artifacts(run.info.run_id, "", tmp)
+                target = store / "artifacts" / copy.info.artifact_uri.removeprefix("mlflow-artifacts:/")
+                shutil.copytree(got, target, dirs_exist_ok=True)
+        dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
+    return {"runs": len(new_ids), "ui": portable_ui_hint(out_dir)}

@@ -144,3 +144,51 @@ def test_bad_config_fails_before_any_task(store, override, msg):
         run_flow(tmp, override)
     assert not (tmp / "out").exists()
     assert client.get_experiment_by_name("picorl") is None
+
+
+def test_exported_mlflow_records_open_from_any_folder(store):
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from cli import main
+    from conftest import kill_session, wait_http
+    client, tmp = store
+    out = run_flow(tmp)
+    pid = out["parent_run_id"]
+    assert main(["export", "--run-dir", out["run_dir"], "--out", str(tmp / "results" / "smoke"), "--mlflow"]) == 0
+    # Another machine: the results folder somewhere else, the original store gone.
+    moved = tmp / "elsewhere" / "smoke"
+    shutil.copytree(tmp / "results" / "smoke", moved)
+    shutil.rmtree(tmp / "results")
+    copy = MlflowClient(f"sqlite:///{moved / 'mlruns' / 'mlflow.db'}")
+    (parent,) = copy.search_runs([e.experiment_id for e in copy.search_experiments()],
+                                 filter_string="tags.`picorl.parent` = 'true'")
+    assert parent.info.status == "FINISHED" and parent.data.params == client.get_run(pid).data.params
+    assert steps(copy, parent.info.run_id, "train/reward_mean") == [1, 2, 3, 4]
+    assert [m.value for m in copy.get_metric_history(parent.info.run_id, "eval/acc_d3")] == \
+           [m.value for m in client.get_metric_history(pid, "eval/acc_d3")]
+    assert set(children(copy, parent.info.run_id)) == {"sft", "grpo-d1", "grpo-d3"}
+    # `mlflow ui` as the export says, started in the moved folder, serves the artifacts.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp / "ui.log"
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                           "sqlite:///mlruns/mlflow.db", "--artifacts-destination", "mlruns/artifacts",
+                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=moved,
+                          stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", log)
+        served = MlflowClient(f"http://127.0.0.1:{port}")
+        names = {a.path for a in served.list_artifacts(parent.info.run_id)}
+        assert {"report.md", "curves.png", "config.yaml", "eval"} <= names
+        got = served.download_artifacts(parent.info.run_id, "config.yaml", str(tmp))
+        assert Path(got).read_text() == (Path(out["run_dir"]) / "config.yaml").read_text()
+    finally:
+        kill_session(ui)
+    assert json.loads((moved / "run.json").read_text())["step"] == 4
