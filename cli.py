@@ -74,7 +74,10 @@ def cmd_eval(args) -> None:
         if args.adapter:
             models.check_adapter(args.adapter)  # before minutes of loading the base model
         models.pick_device(args.device)  # a missing CUDA device is named before anything loads
-        model, tok = models.load_model(args.model, device=args.device, dtype=args.dtype)
+        if args.model.startswith("models:/"):
+            model, tok = registered_model(args)
+        else:
+            model, tok = models.load_model(args.model, device=args.device, dtype=args.dtype)
         if args.adapter:
             model = models.load_adapter(model, args.adapter)
     except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
@@ -86,6 +89,22 @@ def cmd_eval(args) -> None:
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(json.dumps(summary))
+
+
+def registered_model(args):
+    """(model, tokenizer) of an MLflow registry URI `models:/<name>/<version>`."""
+    import tempfile
+
+    from picorl.serving import load_trained
+    if args.adapter:
+        raise UsageError("--adapter goes with a base model; a registered model carries its own weights")
+    try:
+        from tasks.registry import download_registered
+        config, ckpt = download_registered(args.model, tempfile.mkdtemp(prefix="picorl-registered-"))
+    except Exception as e:  # no such model or version, MLflow unreachable, mlflow not installed
+        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0][:300]}") from None
+    model, tok, _ = load_trained(config, ckpt, device=args.device)
+    return model, tok
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -230,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gen)
 
     e = sub.add_parser("eval", help="greedy evaluation of a model (+ adapter) on a JSONL set")
-    e.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder")
+    e.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model name or folder, or a registered model models:/<name>/<version>")
     e.add_argument("--adapter", default=None, help="LoRA adapter folder (adapter_config.json + safetensors)")
     e.add_argument("--data", required=True, help="JSONL with string, letters, answer per line")
     e.add_argument("--out", required=True, help="JSONL of the input records with completion and prediction")

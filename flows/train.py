@@ -1,6 +1,6 @@
 """The training pipeline as a Prefect flow. It reads like the diagram:
 
-    data -> SFT -> eval@0 -> for each stage: [GRPO chunk -> (eval)]* -> report
+    data -> SFT -> eval@0 -> for each stage: [GRPO chunk -> (eval)]* -> report (-> registered model)
 
     picorl train --config configs/smoke.yaml      (the command line is cli.py; deployments call `train`)
 """
@@ -16,6 +16,7 @@ from picorl.plan import chunks
 from picorl.run_folder import RunFolder, RunLock, RunLocked
 from tasks import pipeline_tasks as t
 from tasks import tracking
+from tasks.registry import register_final_model
 
 
 def check_model_config(cfg) -> None:
@@ -82,6 +83,8 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
             if chunk.eval_after:
                 evals.append(t.evaluate.with_options(**opts)(run, chunk.end))
         out = t.write_report.with_options(**opts)(run)
+        if cfg.run.registered_model:
+            out["registered"] = register_final_model.with_options(**opts)(run, cfg.run.registered_model)
     except BaseException:
         try:
             tracking.close_parent_run(run["parent_run_id"], "FAILED")

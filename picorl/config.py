@@ -158,6 +158,7 @@ class RunConfig:
     retries: int = knob(2, "Prefect retries per task.")
     retry_delay_s: float = knob(5.0, "Seconds between retries.")
     tracking_outage_s: float = knob(600.0, "How long training goes on while MLflow is unreachable before a task fails (its retry resumes).")
+    registered_model: str | None = knob(None, "When set, the final weights are logged as an MLflow model and registered under this name.")
 
 
 @dataclass

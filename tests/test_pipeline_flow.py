@@ -192,3 +192,29 @@ def test_exported_mlflow_records_open_from_any_folder(store):
     finally:
         kill_session(ui)
     assert json.loads((moved / "run.json").read_text())["step"] == 4
+
+
+def test_the_final_weights_are_registered_and_served_by_mlflows_loader(store, monkeypatch):
+    import json
+
+    import mlflow
+
+    from cli import main
+    from picorl import data
+    client, tmp = store
+    out = run_flow(tmp, "run.registered_model=picorl-smoke")
+    assert out["registered"] == {"name": "picorl-smoke", "version": "1", "checkpoint": "step_4"}
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/picorl-smoke/1")
+    (answer,) = model.predict([{"string": "banana", "letters": ["a", "n"]}], params={"max_tokens": 8})
+    assert isinstance(answer["completion"], str) and answer["completion"] and "prediction" in answer
+    # The served model is the run's final model: its greedy answers are the final eval's.
+    last = json.loads((Path(out["run_dir"]) / "evals" / "step_4.json").read_text())["items"][:2]
+    got = model.predict([{"string": i["string"], "letters": i["letters"]} for i in last], params={"max_tokens": 8})
+    assert [g["completion"] for g in got] == [i["completion"] for i in last]
+    # `picorl eval` takes the registry URI as its model.
+    src = tmp / "in.jsonl"
+    data.write_jsonl([{k: i[k] for k in ("string", "letters", "answer")} for i in last], src)
+    assert main(["eval", "--model", "models:/picorl-smoke/1", "--data", str(src), "--out", str(tmp / "o.jsonl"),
+                 "--max-tokens", "8"]) == 0
+    assert [r["completion"] for r in data.read_jsonl(tmp / "o.jsonl")] == [i["completion"] for i in last]

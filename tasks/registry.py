@@ -1,0 +1,55 @@
+"""A run's final weights as an MLflow model in the registry, and back.
+
+The model is a pyfunc: its artifacts are the run's config.yaml and final checkpoint, and
+`predict` answers letter-counting tasks greedily (picorl/serving.py). MLflow's own loader
+serves it:
+
+    model = mlflow.pyfunc.load_model("models:/picorl-smollm2/1")
+    model.predict([{"string": "banana", "letters": ["a", "n"]}])
+    -> [{"completion": "...", "prediction": {"a": 3, "n": 2}}]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from picorl import checkpoint
+from picorl.run_folder import RunFolder
+from tasks import tracking
+
+
+class LetterCountingModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from picorl.serving import load_trained
+        self.model, self.tok, self.cfg = load_trained(context.artifacts["config"], context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        from picorl.serving import answers
+        tasks = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        return answers(self.model, self.tok, tasks, max_tokens=(params or {}).get("max_tokens", self.cfg.eval.max_tokens))
+
+
+@task(name="register-model", cache_policy=NO_CACHE)
+def register_final_model(run: dict, name: str) -> dict:
+    """Log the run's latest checkpoint as an MLflow model under the parent run; register it as `name`."""
+    folder = RunFolder(run["run_dir"])
+    final = checkpoint.latest_checkpoint(folder.checkpoints)
+    if final is None:
+        raise FileNotFoundError(f"no checkpoint under {folder.checkpoints} to register")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=run["parent_run_id"]):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=LetterCountingModel(), registered_model_name=name,
+            artifacts={"config": str(folder.config), "checkpoint": str(final)},
+            pip_requirements=["picorl", "torch", "transformers", "peft"])
+    return {"name": name, "version": str(info.registered_model_version), "checkpoint": final.name}
+
+
+def download_registered(uri: str, into) -> tuple[Path, Path]:
+    """(config.yaml, checkpoint folder) of a registered model `models:/<name>/<version>`, downloaded."""
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+    return local / "artifacts" / "config.yaml", next(p for p in (local / "artifacts").iterdir() if p.is_dir())
