@@ -113,6 +113,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set grpo.lr=1e-5 (repeatable)")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="MLflow parent run id of a run to continue")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="run GRPO chunks data parallel on N processes (GPUs) with torchrun; "
+                        "the same as --set run.nproc_per_node=N")
 
 
 def dry_run(cfg, model_problem: str | None) -> None:
@@ -160,6 +163,8 @@ def cmd_train(args) -> None:
     from picorl import models
     from picorl.config import ConfigError, load_config
 
+    if args.nproc_per_node is not None:
+        args.set = [*args.set, f"run.nproc_per_node={args.nproc_per_node}"]
     try:
         cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
     except ConfigError as e:

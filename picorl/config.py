@@ -158,6 +158,7 @@ class RunConfig:
     retries: int = knob(2, "Prefect retries per task.")
     retry_delay_s: float = knob(5.0, "Seconds between retries.")
     tracking_outage_s: float = knob(600.0, "How long training goes on while MLflow is unreachable before a task fails (its retry resumes).")
+    nproc_per_node: int = knob(1, "Processes (one per GPU) that run each GRPO chunk data parallel under torchrun; 1 runs it in the flow's process.")
     registered_model: str | None = knob(None, "When set, the final weights are logged as an MLflow model and registered under this name.")
 
 
@@ -202,7 +203,7 @@ RULES = {
     "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
     "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
-    "run.chunk_updates": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
+    "run.chunk_updates": _pos, "run.nproc_per_node": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
     "stage.difficulty": _diff, "stage.updates": _pos, "stage.window": _pos, "stage.max_difficulty": _diff,
 }
 

@@ -40,6 +40,12 @@ def init_from_env() -> tuple[int, int]:
     return rank_and_world()
 
 
+def barrier() -> None:
+    """Wait for every rank (after rank 0 wrote a checkpoint the others will read)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums over ranks of a few numbers (one collective call)."""
     if rank_and_world()[1] == 1:

@@ -19,6 +19,7 @@ import torch
 from picorl import checkpoint, data
 from picorl.config import Config, dump_yaml, load_config
 from picorl.curriculum import Curriculum
+from picorl.distributed import barrier, rank_and_world
 from picorl.evaluate import evaluate_sets
 from picorl.faults import fault_point
 from picorl.machine import machine_name
@@ -80,8 +81,9 @@ def timed(run_dir, task: str, **fields):
     finally:
         row = {"task": task, **fields, "seconds": round(time.perf_counter() - t0, 2), "ok": ok,
                "machine": machine_name()}
-        with open(RunFolder(run_dir).timings, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if rank_and_world()[0] == 0:  # data parallel: one row per step, not one per rank
+            with open(RunFolder(run_dir).timings, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def read_timings(run_dir) -> list[dict]:
@@ -211,10 +213,14 @@ def clear_sessions() -> None:
 
 
 def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) -> Path:
+    """Checkpoint `step`; data parallel, rank 0 writes it (the ranks hold equal weights) and the others wait."""
     trainer = sess.get_trainer()
-    path = checkpoint.save_checkpoint(RunFolder(run_dir).checkpoints, step, sess.model, trainer.state_dict(), info=info,
-                                      keep_last=sess.cfg.run.keep_checkpoints, files={
-                                          "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
+    path = checkpoint.step_path(RunFolder(run_dir).checkpoints, step)
+    if rank_and_world()[0] == 0:
+        checkpoint.save_checkpoint(RunFolder(run_dir).checkpoints, step, sess.model, trainer.state_dict(), info=info,
+                                   keep_last=sess.cfg.run.keep_checkpoints, files={
+                                       "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
+    barrier()
     sess.loaded = str(path)
     return path
 

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from picorl import checkpoint, pipeline, report
+from picorl.parallel import run_chunk_parallel
 from picorl.plan import Chunk
 from picorl.run_folder import RunFolder
 from tasks import tracking
@@ -100,6 +101,8 @@ def sft(run: dict) -> dict:
 
 @task(name="grpo-chunk", task_run_name="grpo-{chunk[start]}-{chunk[end]}", cache_policy=NO_CACHE)
 def grpo_chunk(run: dict, chunk: dict) -> dict:
+    if run_config(run).run.nproc_per_node > 1:  # torchrun, one process per GPU (picorl/parallel.py)
+        return run_step(run, run_chunk_parallel, Chunk(**chunk))
     return run_step(run, pipeline.run_chunk, Chunk(**chunk))
 
 
