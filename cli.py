@@ -179,6 +179,9 @@ def cmd_train(args) -> None:
         return
     if model_problem:
         raise UsageError(model_problem)
+    from picorl.run_folder import output_dir_problem
+    if output_dir_problem(cfg.run.output_dir):
+        raise UsageError(output_dir_problem(cfg.run.output_dir))
     prefect_environment()
     try:
         from flows.train import train
@@ -207,6 +210,8 @@ def cmd_export(args) -> None:
         out = export_run(args.run_dir, args.out, step=args.step, fresh=args.fresh)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # e.g. a read-only destination: nothing was left behind (atomic folder)
+        raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     summary = {"out": str(out), **json.loads((out / "run.json").read_text())}
     if args.mlflow:
         summary["mlflow"] = export_mlflow_records(args.run_dir, out)

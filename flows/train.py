@@ -13,7 +13,7 @@ from prefect import flow, runtime
 from picorl import pipeline
 from picorl.config import ConfigError, load_config
 from picorl.plan import chunks
-from picorl.run_folder import RunFolder, RunLock, RunLocked
+from picorl.run_folder import RunFolder, RunLock, RunLocked, output_dir_problem
 from tasks import pipeline_tasks as t
 from tasks import tracking
 from tasks.registry import register_final_model
@@ -58,7 +58,11 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
         tracking.reopen_parent_run(resume, flow_run_id)
         return {"run_dir": run_dir, "parent_run_id": resume}, lock
     run_dir = RunFolder.new_path(cfg.run.output_dir, cfg.run.name, flow_run_id)
-    pipeline.prepare_run_dir(cfg, run_dir)
+    try:
+        pipeline.prepare_run_dir(cfg, run_dir)
+    except OSError as e:  # a read-only or full run.output_dir: before any MLflow run exists
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: cannot create the run folder "
+                          f"{run_dir}: {e.strerror or e}") from None
     lock = RunLock(run_dir)
     parent = tracking.open_parent_run(cfg, run_dir, RunFolder(run_dir).config, flow_run_id)
     return {"run_dir": str(run_dir), "parent_run_id": parent}, lock
@@ -68,6 +72,8 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
 def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)  # validated before any task runs
     check_model_config(cfg)
+    if not resume and output_dir_problem(cfg.run.output_dir):
+        raise ConfigError(output_dir_problem(cfg.run.output_dir))
     try:
         run, lock = open_run(cfg, resume, overrides)
     except RunLocked as e:

@@ -60,6 +60,18 @@ class RunFolder:
         return dict(sorted(found.items()))
 
 
+def output_dir_problem(output_dir) -> str | None:
+    """Why run folders cannot be made under `output_dir` (checked without creating anything), or None."""
+    path = Path(output_dir).resolve()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return f"run.output_dir={str(output_dir)!r}: {path} is a file, not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"run.output_dir={str(output_dir)!r}: folder {path} is not writable"
+    return None
+
+
 class RunLocked(RuntimeError):
     """Another live process owns the run folder."""
 

@@ -263,3 +263,15 @@ def test_values_that_would_fail_mid_run_are_refused_before_any_work(tmp_path, ov
         assert dry.returncode == 0 and f"warning: {msg}" in dry.stdout
     else:
         assert dry.returncode == 2 and msg in dry.stderr
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where run.output_dir should be a folder")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    r = subprocess.run([sys.executable, "-m", "cli", "train", "--config", SMOKE, "--set",
+                        f"run.output_dir={blocker}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
