@@ -1,7 +1,7 @@
 """Seconds per GRPO update on 1 process and on N data-parallel ranks (torchrun, gloo on CPU), side by side.
 
-    python bench/ddp.py                       # tiny model, smoke shape, 1 vs 2 ranks
-    python bench/ddp.py --model smollm2-135m-instruct --tasks 4 --k 4 --max-tokens 32
+    python -m bench.ddp                       # tiny model, smoke shape, 1 vs 2 ranks
+    python -m bench.ddp --model smollm2-135m-instruct --tasks 4 --k 4 --max-tokens 32
 
 Each setting runs the same chunk of updates from the same SFT checkpoint (a copy of one run
 folder each), the 1-process chunk in this process and the N-rank chunk through
@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, machine_tag, write_result  # noqa: E402
-from picorl import pipeline  # noqa: E402
-from picorl.config import load_config  # noqa: E402
-from picorl.parallel import run_chunk_parallel  # noqa: E402
-from picorl.plan import Chunk  # noqa: E402
+from bench.common import machine, machine_tag, write_result
+from picorl import pipeline
+from picorl.config import load_config
+from picorl.parallel import run_chunk_parallel
+from picorl.plan import Chunk
 
 
 def main() -> int:

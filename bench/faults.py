@@ -1,6 +1,6 @@
 """Reliability figures: kill the smoke pipeline at each fault point, resume it, count what was lost.
 
-    python bench/faults.py [--repeats 1]
+    python -m bench.faults [--repeats 1]
 
 For every point it runs `python -m cli train` (`picorl train`) in a fresh process armed to SIGKILL itself
 there, then `--resume RUN_ID`, and reads the MLflow history: steps missing, steps logged
@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_name  # noqa: E402
+from bench.common import cpu_name
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 POINTS = ["sft:2:kill", "rollout:3:kill", "update:3:kill", "checkpoint:4:kill", "eval:2:kill", "log:3:kill"]

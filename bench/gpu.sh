@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the fast-engine work, in order of importance, on a machine with one
 # CUDA GPU and requirements.txt installed. Each benchmark writes bench/results/*.json naming
-# the GPU; `python bench/table.py --write` then rebuilds the README's tables. About 10 minutes
+# the GPU; `python -m bench.table --write` then rebuilds the README's tables. About 10 minutes
 # on one H100; a step that fails stops the script, so the figures before it are kept.
 #
 #   bash bench/gpu.sh 2>&1 | tee gpu.log
@@ -12,10 +12,10 @@ export PYTHONUNBUFFERED=1
 # 1. The CUDA graphs replay the eager step exactly, and a sync reaches them.
 python -m pytest -q tests/test_graph_engine_cuda.py
 # 2. Decode throughput at the shapes, the graph engine beside hf (128 rows) and alone (256).
-python bench/rollout.py --prompts 128 --max-tokens 384 --dtype bfloat16 --engines hf graph --repeats 1
-python bench/rollout.py --prompts 256 --max-tokens 384 --dtype bfloat16 --engines graph --repeats 2
+python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engines hf graph --repeats 1
+python -m bench.rollout --prompts 256 --max-tokens 384 --dtype bfloat16 --engines graph --repeats 2
 # 3. One GRPO update at configs/gpu.yaml's shape, split into its parts.
-python bench/update.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 6
+python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 6
 # 4. TRL's GRPOTrainer at the same shape, in the same run.
-python bench/vs_trl.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 3
-python bench/table.py
+python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 3
+python -m bench.table

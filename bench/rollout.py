@@ -1,9 +1,9 @@
 """Rollout throughput per engine, side by side in one run.
 
-    python bench/rollout.py                      # CPU default: 64 prompts x 64 new tokens
-    python bench/rollout.py --prompts 64 --max-tokens 512 --dtype bfloat16   # GPU shape
-    python bench/rollout.py --engines hf hf-static hf-static-compile         # the HF switches
-    python bench/rollout.py --prompts 128 --max-tokens 384 --dtype bfloat16 --engines hf graph
+    python -m bench.rollout                      # CPU default: 64 prompts x 64 new tokens
+    python -m bench.rollout --prompts 64 --max-tokens 512 --dtype bfloat16   # GPU shape
+    python -m bench.rollout --engines hf hf-static hf-static-compile         # the HF switches
+    python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engines hf graph
 
 Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV cache),
 `hf-static-compile` (static cache + torch.compile'd decode step), `graph` (our decode step over
@@ -23,17 +23,13 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import machine, machine_tag, write_result  # noqa: E402
-from picorl import data, models  # noqa: E402
-from picorl.rollout import Sampling  # noqa: E402
-from picorl.rollout.hf import HFEngine  # noqa: E402
+from bench.common import machine, machine_tag, write_result
+from picorl import data, models
+from picorl.rollout import Sampling
+from picorl.rollout.hf import HFEngine
 
 
 def timed(engine, prompts, sampling, repeats):

@@ -1,7 +1,7 @@
 """The SFT rows of the ablation: base model, SFT `direct` (the reference recipe), SFT `cot`.
 
-    python bench/sft_recipe.py                                  # CPU: 200 steps on d1-d3, eval d3
-    python bench/sft_recipe.py --steps 400 --batch-size 32 --sft-difficulties 1 2 3 4 5 6 \
+    python -m bench.sft_recipe                                  # CPU: 200 steps on d1-d3, eval d3
+    python -m bench.sft_recipe --steps 400 --batch-size 32 --sft-difficulties 1 2 3 4 5 6 \
         --eval-difficulties 3 5 6 --dtype bfloat16              # the GPU shape
 
 Each style trains a fresh LoRA adapter (r32/alpha64) on the same batches (same seed, same
@@ -19,13 +19,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import RESULTS, machine, machine_tag, write_result  # noqa: E402
-from picorl import data, models  # noqa: E402
-from picorl.evaluate import evaluate_sets  # noqa: E402
-from picorl.sft import train_sft  # noqa: E402
+from bench.common import RESULTS, machine, machine_tag, write_result
+from picorl import data, models
+from picorl.evaluate import evaluate_sets
+from picorl.sft import train_sft
 
 
 def main() -> int:

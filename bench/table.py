@@ -1,7 +1,7 @@
 """The README's benchmark tables, built from the JSON files in bench/results/.
 
-    python bench/table.py            # print the tables
-    python bench/table.py --write    # replace the block between the README's bench markers
+    python -m bench.table            # print the tables
+    python -m bench.table --write    # replace the block between the README's bench markers
 
 Every figure comes from a result file, and a test checks that the README's block equals
 this script's output, so the README cannot drift from what was measured.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BEGIN, END = "<!-- bench tables: python bench/table.py --write -->", "<!-- end of bench tables -->"
+BEGIN, END = "<!-- bench tables: python -m bench.table --write -->", "<!-- end of bench tables -->"
 
 
 def _load(prefix: str) -> list[tuple[str, dict]]:

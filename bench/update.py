@@ -1,8 +1,8 @@
 """Seconds per full GRPO update and peak memory, split into its parts.
 
-    python bench/update.py                                    # CPU: 8 tasks x k 8 x 64 new tokens
-    python bench/update.py --max-tokens 512 --dtype bfloat16  # the GPU shape
-    python bench/update.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # configs/gpu.yaml's
+    python -m bench.update                                    # CPU: 8 tasks x k 8 x 64 new tokens
+    python -m bench.update --max-tokens 512 --dtype bfloat16  # the GPU shape
+    python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # configs/gpu.yaml's
 
 One update = rollouts (all tasks x k in one engine call) -> rewards -> loss + backward over
 micro-batches -> optimizer step -> weight sync to the engine. Tasks are d6 strings from the
@@ -23,17 +23,13 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import machine, machine_tag, write_result  # noqa: E402
-from picorl import data, models  # noqa: E402
-from picorl.config import Config, load_config  # noqa: E402
-from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of  # noqa: E402
+from bench.common import machine, machine_tag, write_result
+from picorl import data, models
+from picorl.config import Config, load_config
+from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 
 PARTS = ("rollout_s", "reward_s", "loss_backward_s", "optimizer_s", "sync_s", "update_s")
 

@@ -1,8 +1,8 @@
 """picoRL beside TRL's GRPOTrainer at the equal configuration, on this machine, in one run.
 
-    python bench/vs_trl.py                                    # CPU: 8 tasks x k 8 x 64 new tokens
-    python bench/vs_trl.py --max-tokens 512 --dtype bfloat16  # the GPU shape
-    python bench/vs_trl.py --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # picoRL on its GPU engine
+    python -m bench.vs_trl                                    # CPU: 8 tasks x k 8 x 64 new tokens
+    python -m bench.vs_trl --max-tokens 512 --dtype bfloat16  # the GPU shape
+    python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --engine graph  # picoRL on its GPU engine
 
 Equal means: the same model (embedded SmolLM2-135M-Instruct), a LoRA adapter r32/alpha64 on
 every projection, 8 prompts x 8 completions per optimizer step, the same most new tokens,
@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_tag, write_result  # noqa: E402
-from bench.update import (add_shape_args, bench_reward_value, describe, engine_suffix, peak_memory_gb,  # noqa: E402
+from bench.common import machine_tag, write_result
+from bench.update import (add_shape_args, bench_reward_value, describe, engine_suffix, peak_memory_gb,
                           resolved_dtype, run_picorl, summarise)
-from picorl import data, models  # noqa: E402
+from picorl import data, models
 
 
 def run_trl(args) -> dict:
@@ -96,7 +95,7 @@ def run_trl(args) -> dict:
 
 def child(which: str, args, path: Path) -> dict:
     """Run one framework in a fresh interpreter and read its figures back."""
-    cmd = [sys.executable, __file__, "--only", which, "--json-out", str(path)] + [
+    cmd = [sys.executable, "-m", "bench.vs_trl", "--only", which, "--json-out", str(path)] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("only", "json_out")]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(path.read_text())

@@ -37,7 +37,7 @@ def test_update_bench_splits_every_update(tokenizer, engine):
 
 @pytest.mark.slow
 def test_vs_trl_runs_both_trainers_side_by_side():
-    out = subprocess.run([sys.executable, "bench/vs_trl.py", "--model", "tiny-random-llama", "--tasks", "2",
+    out = subprocess.run([sys.executable, "-m", "bench.vs_trl", "--model", "tiny-random-llama", "--tasks", "2",
                           "--k", "4", "--micro-batch", "4", "--max-tokens", "6", "--updates", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_vs_trl_runs_both_trainers_side_by_side():
 
 def test_readme_bench_tables_are_built_from_the_result_files():
     from bench.table import markdown
-    assert markdown() in (ROOT / "README.md").read_text(), "stale: run python bench/table.py --write"
+    assert markdown() in (ROOT / "README.md").read_text(), "stale: run python -m bench.table --write"
 
 
 def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
