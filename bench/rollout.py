@@ -91,6 +91,9 @@ def main() -> int:
     for name in args.engines:
         engine = make_engine(name, model, tok, args)
         results[name] = timed(engine, prompts, sampling, args.repeats)
+        if name == "graph":  # capture seconds (CUDA), cache size and graphs held
+            from picorl.rollout.graph import describe_capacity
+            results[name]["capacity"] = describe_capacity(engine)
         ids = greedy_ids(engine, prompts[:8], args.max_tokens)
         if name == "hf":
             reference = ids
