@@ -26,8 +26,8 @@ to a multiple of 128), and a completion of 200 tokens costs 200 replays of the 1
 Weights: the engine keeps its own copy, with q/k/v fused into one matrix and gate/up into
 another (fewer kernels per layer). A LoRA adapter stays an adapter inside the step (x A^T,
 then that times B^T scaled by alpha/r), not merged into the weights: merged into bf16 base
-weights, an early update of 1e-3 of a weight's size falls below half a bf16 step (2^-9 of
-it) and rounds away, and the engine would sample from a stale policy. `sync_weights`
+weights, an early update of 1e-3 of a weight's size falls below half a bf16 step (2^-9 to
+2^-8 of the weight) and rounds away, and the engine would sample from a stale policy. `sync_weights`
 copies only what trains (the adapter, or every weight under full fine-tuning) into the
 same buffers, so captured graphs stay valid.
 
