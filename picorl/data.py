@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 from picorl.envs.letter_counting import build_messages, check_difficulty, make_task
-from picorl.files import atomic_folder, atomic_write_text  # noqa: F401 (atomic_write_text: data.atomic_write_text)
+from picorl.files import atomic_folder, atomic_write_text
 
 EVAL_SEED = 1234
 # Eval sets are generated at this size and sliced, so a smaller eval is a prefix of a larger

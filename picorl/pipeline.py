@@ -22,6 +22,7 @@ from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
 from picorl.evaluate import evaluate_sets
 from picorl.faults import fault_point
+from picorl.files import atomic_write_text
 from picorl.machine import machine_name
 from picorl.plan import Chunk, train_difficulties
 from picorl.rollout.hf import HFEngine
@@ -41,7 +42,7 @@ class NumericalError(RuntimeError):
 def prepare_run_dir(cfg: Config, run_dir) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data.atomic_write_text(RunFolder(run_dir).config, dump_yaml(cfg))
+    atomic_write_text(RunFolder(run_dir).config, dump_yaml(cfg))
     return run_dir
 
 
@@ -115,7 +116,7 @@ def build_data(cfg: Config, run_dir) -> dict:
         data.save_dataset(recs, run.dataset("eval", d))
         manifest["eval"][str(d)] = {"path": run.dataset("eval", d).name, "n": len(recs)}
     data.write_jsonl(sample, run.sample)
-    data.atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the data complete
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the data complete
     return manifest
 
 
@@ -344,5 +345,5 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
               "items": items}
     out.parent.mkdir(parents=True, exist_ok=True)
-    data.atomic_write_text(out, json.dumps(result))
+    atomic_write_text(out, json.dumps(result))
     return result

@@ -139,7 +139,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
 
 def write_report(cfg: Config, history: list[dict], evals: list[dict], run_dir) -> tuple[Path, Path]:
     """report.md and curves.png in a run folder."""
-    from picorl.data import atomic_write_text
+    from picorl.files import atomic_write_text
     from picorl.run_folder import RunFolder
 
     run = RunFolder(run_dir)
