@@ -16,6 +16,8 @@ python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engine
 python -m bench.rollout --prompts 256 --max-tokens 384 --dtype bfloat16 --engines graph --repeats 2
 # 3. One GRPO update at configs/gpu.yaml's shape, split into its parts.
 python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 6
-# 4. TRL's GRPOTrainer at the same shape, in the same run.
+# 4. SFT throughput at the headline recipe's batch (the 0.33 s/step was measured at 64).
+python -m bench.sft_speed --batch-size 64 --dtype bfloat16
+# 5. TRL's GRPOTrainer at the same shape, in the same run.
 python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 3
 python -m bench.table
