@@ -180,8 +180,9 @@ def cmd_train(args) -> None:
     if model_problem:
         raise UsageError(model_problem)
     from picorl.run_folder import output_dir_problem
-    if output_dir_problem(cfg.run.output_dir):
-        raise UsageError(output_dir_problem(cfg.run.output_dir))
+    problem = output_dir_problem(cfg.run.output_dir)
+    if problem:
+        raise UsageError(problem)
     prefect_environment()
     try:
         from flows.train import train

@@ -72,8 +72,9 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
 def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict:
     cfg = load_config(config_path, overrides)  # validated before any task runs
     check_model_config(cfg)
-    if not resume and output_dir_problem(cfg.run.output_dir):
-        raise ConfigError(output_dir_problem(cfg.run.output_dir))
+    problem = None if resume else output_dir_problem(cfg.run.output_dir)
+    if problem:
+        raise ConfigError(problem)
     try:
         run, lock = open_run(cfg, resume, overrides)
     except RunLocked as e:

@@ -216,9 +216,10 @@ def clear_sessions() -> None:
 def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) -> Path:
     """Checkpoint `step`; data parallel, rank 0 writes it (the ranks hold equal weights) and the others wait."""
     trainer = sess.get_trainer()
-    path = checkpoint.step_path(RunFolder(run_dir).checkpoints, step)
+    root = RunFolder(run_dir).checkpoints
+    path = checkpoint.step_path(root, step)
     if rank_and_world()[0] == 0:
-        checkpoint.save_checkpoint(RunFolder(run_dir).checkpoints, step, sess.model, trainer.state_dict(), info=info,
+        checkpoint.save_checkpoint(root, step, sess.model, trainer.state_dict(), info=info,
                                    keep_last=sess.cfg.run.keep_checkpoints, files={
                                        "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
     barrier()

@@ -101,9 +101,13 @@ def sft(run: dict) -> dict:
 
 @task(name="grpo-chunk", task_run_name="grpo-{chunk[start]}-{chunk[end]}", cache_policy=NO_CACHE)
 def grpo_chunk(run: dict, chunk: dict) -> dict:
-    if run_config(run).run.nproc_per_node > 1:  # torchrun, one process per GPU (picorl/parallel.py)
-        return run_step(run, run_chunk_parallel, Chunk(**chunk))
-    return run_step(run, pipeline.run_chunk, Chunk(**chunk))
+    return run_step(run, run_any_chunk, Chunk(**chunk))
+
+
+def run_any_chunk(cfg, run_dir, chunk: Chunk) -> dict:
+    """In this process, or under torchrun with one process per GPU (picorl/parallel.py)."""
+    runner = run_chunk_parallel if cfg.run.nproc_per_node > 1 else pipeline.run_chunk
+    return runner(cfg, run_dir, chunk)
 
 
 @task(name="eval", task_run_name="eval-{step}", cache_policy=NO_CACHE)

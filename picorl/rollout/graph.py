@@ -117,17 +117,18 @@ def _fused_specs(prefix: str, mods: list) -> dict[str, Spec]:
         def lora_a():
             return torch.cat([m.lora_A[n].weight for m, n in parts])
 
+        first_row, rows = {}, 0  # where each module's output slice starts in the fused output
+        for m in mods:
+            first_row[id(m)], rows = rows, rows + _linear_weight(m).shape[0]
+
         def lora_b():
-            a = lora_a()
-            out = torch.zeros(sum(_linear_weight(m).shape[0] for m in mods), a.shape[0], dtype=a.dtype, device=a.device)
-            row = col = 0
-            for m in mods:
-                rows = _linear_weight(m).shape[0]
-                for n in _lora_names(m):
-                    b = m.lora_B[n].weight
-                    out[row:row + rows, col:col + b.shape[1]] = b * m.scaling[n]
-                    col += b.shape[1]
-                row += rows
+            ref = parts[0][0].lora_B[parts[0][1]].weight
+            out = torch.zeros(rows, sum(m.lora_A[n].weight.shape[0] for m, n in parts), dtype=ref.dtype, device=ref.device)
+            col = 0
+            for m, n in parts:
+                b, r = m.lora_B[n].weight, first_row[id(m)]
+                out[r:r + b.shape[0], col:col + b.shape[1]] = b * m.scaling[n]
+                col += b.shape[1]
             return out
         trains = any(m.lora_A[n].weight.requires_grad or m.lora_B[n].weight.requires_grad for m, n in parts)
         specs[f"{prefix}.lora_a"] = Spec(lora_a, trains)
