@@ -21,3 +21,17 @@ def write_result(stem: str, out: dict) -> Path:
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote bench/results/{path.name}")
     return path
+
+
+def earlier_rows(path: Path, out: dict, rerun: set) -> dict:
+    """Rows of an earlier run of the same configuration on the same machine that this run did not redo.
+
+    A row can take a quarter of an hour on a CPU, so adding a row (--styles cot_tokens,
+    --rows full_ft) keeps the rows already measured instead of overwriting them.
+    """
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("config") != out["config"] or old.get("machine") != out["machine"]:
+        return {}
+    return {k: v for k, v in old["rows"].items() if k not in rerun}

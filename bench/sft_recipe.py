@@ -15,11 +15,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, machine, machine_tag, write_result
+from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl import data, models
 from picorl.evaluate import evaluate_sets
 from picorl.sft import train_sft
@@ -84,20 +83,6 @@ def main() -> int:
     data.write_jsonl(items + [{"row": s, **i} for s, its in items_out.items() for i in its],
                      path.with_name(f"{stem}-items.jsonl"))
     return 0
-
-
-def earlier_rows(path: Path, out: dict, rerun: set) -> dict:
-    """Rows of an earlier run of the same configuration on the same machine that this run did not redo.
-
-    A row takes a quarter of an hour on a CPU, so adding a style (--styles cot_tokens) keeps the
-    rows already measured instead of overwriting them.
-    """
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    if old.get("config") != out["config"] or old.get("machine") != out["machine"]:
-        return {}
-    return {k: v for k, v in old["rows"].items() if k not in rerun}
 
 
 if __name__ == "__main__":

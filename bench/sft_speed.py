@@ -1,18 +1,19 @@
-"""SFT throughput: demonstration tokens per second and seconds per step, on the embedded model.
+"""SFT throughput: tokens per second and seconds per step, random batches beside batches by length.
 
     python -m bench.sft_speed                                    # CPU: batch 8, cot, d1-d6
     python -m bench.sft_speed --batch-size 64 --dtype bfloat16   # the GPU shape of configs/gpu.yaml's recipe
 
-Runs `train_sft` for --steps steps after --warmup steps (kernels, allocator) with a fresh
-LoRA adapter r32/alpha64, timing only the measured steps. Tokens are every token of the
-batches (prompt + demonstration, what the forward pass reads), and the demonstration
-tokens alone (what the loss covers), so padding and prompt costs show. Writes
+For each batching (random draws, and demonstrations grouped by length: `sft.group_by_length`)
+a fresh LoRA adapter r32/alpha64 runs `train_sft` for --warmup steps (kernels, allocator),
+then --steps timed steps. Tokenizing the demonstrations, once per run, is timed apart. Tokens
+are the real tokens of the batches (prompt + demonstration, what the forward pass must read),
+the demonstration tokens alone (what the loss covers), and the padded total (what it does
+read), so padding and prompt costs show. Writes
 bench/results/sft-speed-<machine>-<batch>-<dtype>.json.
 """
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 
@@ -20,46 +21,61 @@ import torch
 
 from bench.common import machine, machine_tag, write_result
 from picorl import data, models
-from picorl.sft import encode_example, train_sft
+from picorl.sft import SFTBatches, encode_records, train_sft
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     ap.add_argument("--style", default="cot")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    ap.add_argument("--per-difficulty", type=int, default=500, help="demonstrations per difficulty")
     args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     if args.dtype == "auto":  # name the dtype that ran in the result
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    torch.manual_seed(0)
-    model, tok = models.load_model(models.EMBEDDED, dtype=args.dtype)
-    model = models.add_lora(model, rank=32, alpha=64)
-    records = [r for d in args.difficulties for r in data.train_records(d, 500, seed=0)]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    train_sft(model, tok, records, style=args.style, steps=args.warmup, batch_size=args.batch_size, lr=1e-3,
-              optimizer=opt, progress=False)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    tok = models.load_tokenizer(models.EMBEDDED)
+    records = [r for d in args.difficulties for r in data.train_records(d, args.per_difficulty, seed=0)]
     t0 = time.perf_counter()
-    train_sft(model, tok, records, style=args.style, steps=args.warmup + args.steps, start_step=args.warmup,
-              batch_size=args.batch_size, lr=1e-3, optimizer=opt, progress=False)
-    sync()
-    seconds = time.perf_counter() - t0
-    # The same batches again, tokenized only: train_sft draws step s's batch from (seed, s).
-    total = target = 0
-    for step in range(args.warmup, args.warmup + args.steps):
-        rng = random.Random(f"sft/0/{step}")
-        for ids, labels in (encode_example(tok, rng.choice(records), args.style) for _ in range(args.batch_size)):
-            total += len(ids)
-            target += sum(x != -100 for x in labels)
+    examples = encode_records(tok, records, args.style, progress=False)
+    encode_s = time.perf_counter() - t0
+    lengths = [len(ids) for ids, _ in examples]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    rows = {}
+    for name, by_length in (("random", False), ("by_length", True)):
+        torch.manual_seed(0)
+        model, _ = models.load_model(models.EMBEDDED, dtype=args.dtype)
+        model = models.add_lora(model, rank=32, alpha=64)
+        done_at = []  # train_sft reads each loss back (a sync), so the clock is honest on a GPU too
+
+        def stamp(step, loss):
+            sync()
+            done_at.append(time.perf_counter())
+        train_sft(model, tok, records, style=args.style, steps=args.warmup + args.steps, batch_size=args.batch_size,
+                  lr=1e-3, group_by_length=by_length, on_step=stamp, progress=False)
+        seconds = done_at[-1] - done_at[args.warmup - 1]  # the timed steps: after warmup, tokenizing excluded
+        del model
+        plan = SFTBatches(lengths, args.batch_size, 0, by_length)
+        batches = [plan(s) for s in range(args.warmup, args.warmup + args.steps)]
+        real = sum(lengths[i] for b in batches for i in b)
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        target = sum(sum(x != -100 for x in examples[i][1]) for b in batches for i in b)
+        rows[name] = {"step_s": round(seconds / args.steps, 3), "tokens_per_s": round(real / seconds, 1),
+                      "target_tokens_per_s": round(target / seconds, 1), "real_share": round(real / padded, 3)}
+        r = rows[name]
+        print(f"{name:>9}: {r['step_s']} s/step, {r['tokens_per_s']} tokens/s "
+              f"({r['target_tokens_per_s']} demonstration tokens/s), {r['real_share']:.0%} of the batch real tokens",
+              flush=True)
     out = {"machine": machine(), "torch": torch.__version__, "config": vars(args),
-           "step_s": round(seconds / args.steps, 3), "tokens_per_s": round(total / seconds, 1),
-           "target_tokens_per_s": round(target / seconds, 1)}
-    print(f"{out['machine']}: SFT {args.style}, batch {args.batch_size}, {args.dtype}: {out['step_s']} s/step, "
-          f"{out['tokens_per_s']} tokens/s ({out['target_tokens_per_s']} demonstration tokens/s)")
+           "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
+           "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2)}
+    print(f"{out['machine']}: SFT {args.style}, batch {args.batch_size}, {args.dtype}: tokenizing "
+          f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
+          f"by length {out['by_length_speedup']}x the steps/s of random batches")
     write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}", out)
     return 0
 

@@ -76,6 +76,32 @@ def sft_rows() -> list[str]:
             "|---|---|---|---|---|---|", *rows]
 
 
+def sft_speed_rows() -> list[str]:
+    rows = []
+    for name, r in _load("sft-speed"):
+        c = r["config"]
+        for batching, row in r["rows"].items():
+            rows.append(f"| {r['machine']} | {c['style']}, batch {c['batch_size']}, {c['dtype']} | {batching} | "
+                        f"{row['step_s']} | {row['tokens_per_s']} | {row['target_tokens_per_s']} | "
+                        f"{row['real_share']:.0%} | `{name}` |")
+    return ["| machine | style, batch, dtype | batches | s/step | tokens/s | demonstration tokens/s "
+            "| real tokens in the batch | file |", "|---|---|---|---|---|---|---|---|", *rows]
+
+
+def ablation_rows() -> list[str]:
+    from bench.ablation import cell
+    rows = []
+    for name, r in _load("ablation"):
+        for row, a in r["rows"].items():
+            ds = sorted(a["final"], key=int)
+            after = ", ".join(f"d{d} {cell(a['after_sft'][d])}" for d in ds)
+            final = ", ".join(f"d{d} {cell(a['final'][d])}" for d in ds)
+            rows.append(f"| {r['machine']} | {row} | {a['change']} | {after} | {final} | {a['training_minutes']} "
+                        f"| `{name}` |")
+    return ["| machine | row | change from the base config | greedy exact after SFT | after GRPO (final) "
+            "| training min | file |", "|---|---|---|---|---|---|---|", *rows]
+
+
 def markdown() -> str:
     return "\n".join([BEGIN, "", "Rollout throughput (`bench/rollout.py`):", "", *rollout_rows(), "",
                       "One GRPO update, split (`bench/update.py`, medians after the first update):", "",
@@ -83,7 +109,12 @@ def markdown() -> str:
                       "picoRL beside TRL's GRPOTrainer at the equal configuration (`bench/vs_trl.py`):", "",
                       *vs_trl_rows(), "",
                       "The SFT rows of the ablation, same batches and same held-out sets (`bench/sft_recipe.py`):", "",
-                      *sft_rows(), "", END])
+                      *sft_rows(), "",
+                      "SFT throughput, random batches beside batches by length (`bench/sft_speed.py`):", "",
+                      *sft_speed_rows(), "",
+                      "The ablation, one whole run per row, each on the same held-out sets and budget "
+                      "(`bench/ablation.py`; exact ± its standard error):", "",
+                      *ablation_rows(), "", END])
 
 
 def main() -> int:

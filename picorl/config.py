@@ -95,6 +95,8 @@ class SFTConfig:
     batch_size: int = knob(8, "Demonstrations per SFT step.")
     lr: float = knob(5e-4, "SFT learning rate (LoRA).")
     difficulties: list = knob([1, 2, 3, 4, 5, 6], "Difficulties the demonstrations are drawn from, uniformly.")
+    group_by_length: bool = knob(True, "Batch demonstrations of like length (an epoch at a time), so a batch is "
+                                 "little padding; false draws each batch at random.")
 
 
 @dataclass

@@ -245,7 +245,8 @@ def _sft(cfg: Config, run_dir, progress: bool) -> dict:
         records = [r for d in cfg.sft.difficulties for r in sess.records(run_dir, "train", d)]
         torch.manual_seed(cfg.run.seed)
         losses = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps,
-                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, seed=cfg.run.seed, progress=progress,
+                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, seed=cfg.run.seed,
+                           group_by_length=cfg.sft.group_by_length, progress=progress,
                            on_step=lambda s, _: fault_point("sft", s))
         history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": {"sft/loss": l}}
                    for i, l in enumerate(losses)]

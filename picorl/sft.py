@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from picorl.batching import chat_prompt_ids, left_pad, left_pad_ids, positions
+from picorl.batching import left_pad, left_pad_ids, positions
 from picorl.data import messages_of
 
 STYLES = ("direct", "cot", "cot_tokens")
@@ -106,10 +106,81 @@ def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list
     The prompt is tokenized exactly as the rollout engine tokenizes it, and the target ends
     with eos, so SFT teaches the model to stop where generation stops.
     """
-    prompt = chat_prompt_ids(tokenizer, messages_of(record))
-    target = tokenizer(demonstration(record, style, tokenizer), add_special_tokens=False)["input_ids"]
-    target = target + [tokenizer.eos_token_id]
-    return prompt + target, [-100] * len(prompt) + target
+    return encode_records(tokenizer, [record], style, progress=False)[0]
+
+
+ENCODE_CHUNK = 1024  # records per tokenizer call: big enough for the fast tokenizer to batch
+
+
+def encode_records(tokenizer, records: list[dict], style: str,
+                   progress: bool = True) -> list[tuple[list[int], list[int]]]:
+    """Every record's (input_ids, labels), tokenized once, a chunk of records per tokenizer call.
+
+    One call per chunk rather than per record halves the cost (0.35 against 0.69 ms a
+    record on 2 CPU cores): the template is rendered per record, but the fast tokenizer
+    cuts a whole list at once. Rendering the chat template and tokenizing the text gives
+    the same ids as `chat_prompt_ids` (the template's own tokenize=True does exactly this).
+    """
+    out = []
+    for lo in tqdm(range(0, len(records), ENCODE_CHUNK), desc="tokenizing demonstrations", unit="chunk",
+                   disable=not progress or len(records) <= ENCODE_CHUNK):
+        chunk = records[lo:lo + ENCODE_CHUNK]
+        prompts = tokenizer.apply_chat_template([messages_of(r) for r in chunk], add_generation_prompt=True,
+                                                tokenize=False)
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        targets = tokenizer([demonstration(r, style, tokenizer) for r in chunk], add_special_tokens=False)["input_ids"]
+        for prompt, target in zip(prompt_ids, targets):
+            target = list(target) + [tokenizer.eos_token_id]
+            out.append((list(prompt) + target, [-100] * len(prompt) + target))
+    return out
+
+
+class SFTBatches:
+    """Which examples step s trains on, a function of (seed, step) alone: a run resumed at
+    step s sees the batches an uninterrupted run would.
+
+    Random (group_by_length=False): batch_size draws with replacement.
+
+    By length: each epoch is a seeded shuffle of the examples, cut into windows of WINDOW
+    batches; a window is sorted by length and cut into batches, and the epoch's batches are
+    shuffled. A batch is padded to its longest row, so rows of like length waste little:
+    cot demonstrations on d1-d6 run from about 60 to 330 tokens, and 32 random ones are 48%
+    real tokens, 32 from a sorted window 98%. Every example is still seen once per epoch,
+    and the window keeps the batches of one epoch different from the next's.
+    """
+
+    WINDOW = 64
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        if not lengths:
+            raise ValueError("SFT needs at least one demonstration, got none")
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length = group_by_length
+        self.per_epoch = max(1, len(lengths) // batch_size)
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __call__(self, step: int) -> list[int]:
+        if not self.group_by_length:
+            rng = random.Random(f"sft/{self.seed}/{step}")
+            return [rng.randrange(len(self.lengths)) for _ in range(self.batch_size)]
+        epoch, index = divmod(step, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._epoch_batches(epoch))
+        return self._epoch[1][index]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"sft-by-length/{self.seed}/{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        need = self.per_epoch * self.batch_size  # fewer examples than a batch: cycle through them
+        order = [order[i % len(order)] for i in range(need)]
+        span = self.WINDOW * self.batch_size
+        batches = []
+        for lo in range(0, need, span):
+            window = sorted(order[lo:lo + span], key=self.lengths.__getitem__)
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -132,23 +203,25 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
 
 
 def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, batch_size: int,
-              lr: float, seed: int = 0, optimizer=None, start_step: int = 0,
+              lr: float, seed: int = 0, group_by_length: bool = False, optimizer=None, start_step: int = 0,
               on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> list[float]:
     """Run SFT steps [start_step, steps) and return their losses.
 
-    Batches are drawn by a RNG seeded from (seed, step), so step s sees the same batch
-    whether the run went straight through or resumed at s.
+    The demonstrations are tokenized once, up front; `SFTBatches` picks step s's batch from
+    (seed, step), so step s sees the same batch whether the run went straight through or
+    resumed at s.
     """
     if steps <= start_step:
         return []
+    examples = encode_records(tokenizer, records, style, progress=progress)
+    batches = SFTBatches([len(ids) for ids, _ in examples], batch_size, seed, group_by_length)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for step in tqdm(range(start_step, steps), desc="sft", unit="step", disable=not progress):
-        rng = random.Random(f"sft/{seed}/{step}")
-        batch = [encode_example(tokenizer, rng.choice(records), style) for _ in range(batch_size)]
+        batch = [examples[i] for i in batches(step)]
         ids, attn, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         loss = sft_loss(model, ids, attn, labels)
         optimizer.zero_grad(set_to_none=True)

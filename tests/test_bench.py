@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (on the tiny model), so their figures stay honest."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_readme_bench_tables_are_built_from_the_result_files():
 
 
 def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
-    from bench.sft_recipe import earlier_rows
+    from bench.common import earlier_rows
 
     path = tmp_path / "sft.json"
     old = {"machine": "m", "config": {"steps": 200}, "rows": {"base": {"x": 1}, "cot": {"x": 2}}}
@@ -65,3 +66,57 @@ def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
     assert earlier_rows(path, {"machine": "m", "config": {"steps": 400}}, {"cot"}) == {}
     assert earlier_rows(path, {"machine": "other", "config": {"steps": 200}}, set()) == {}
     assert earlier_rows(tmp_path / "none.json", old, set()) == {}
+
+
+def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_twice(tmp_path, capsys):
+    from bench.ablation import plan_rows
+    from picorl.config import ConfigError
+    rows = plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["base", "no_curriculum", "full_ft", "direct"])
+    assert rows["base"]["sets"] == []
+    assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 140}]']  # 40 + 100 updates
+    assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=5e-06"]
+    one_stage = tmp_path / "direct.yaml"
+    one_stage.write_text("sft: {style: direct}\nstages:\n  - {difficulty: 3, updates: 4}\n")
+    rows = plan_rows(str(one_stage), ["base", "no_curriculum", "direct", "cot_tokens"])
+    assert set(rows) == {"base", "cot_tokens"}
+    assert "already has SFT style direct" in capsys.readouterr().out
+
+
+def test_an_ablation_row_with_a_bad_override_is_refused_before_any_run(monkeypatch):
+    from bench import ablation
+    from picorl.config import ConfigError
+    monkeypatch.setattr(ablation, "row_overrides", lambda cfg: {"base": ("the base config", []),
+                                                                "broken": ("lr below 0", ["grpo.lr=-1"])})
+    with pytest.raises(ConfigError, match=r"row broken \(grpo.lr=-1\): .*grpo.lr"):
+        ablation.plan_rows(str(ROOT / "configs" / "smoke.yaml"), ["base", "broken"])
+
+
+@pytest.mark.slow
+def test_ablation_runs_a_row_through_picorl_train_and_keeps_earlier_rows(tmp_path):
+    from bench.ablation import table
+    from bench.common import machine
+    from picorl.config import flatten, load_config, to_dict
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    result = tmp_path / "results" / f"ablation-{''.join(c if c.isalnum() else '_' for c in machine())[:40]}-smoke.json"
+    result.parent.mkdir()
+    earlier = {"change": "the base config", "sets": [], "run_folder": "x", "final_update": 4, "training_minutes": 0.1,
+               "after_sft": {d: {"exact": 0.5, "n": 4} for d in "356"}, "final": {d: {"exact": 0.75, "n": 4} for d in "356"}}
+    result.write_text(json.dumps({"machine": machine(), "config": flatten(to_dict(load_config(smoke))),
+                                  "rows": {"base": earlier}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    out = subprocess.run([sys.executable, "-m", "bench.ablation", "--config", smoke, "--runs", "direct",
+                          "--out-dir", str(tmp_path / "runs"), "--results-dir", str(result.parent)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = json.loads(result.read_text())["rows"]
+    assert list(rows) == ["base", "direct"] and rows["base"] == earlier
+    direct = rows["direct"]
+    assert direct["sets"] == ["sft.style=direct"] and direct["final_update"] == 4
+    # The run folder holds what the row says: its config, and the evals the row copied.
+    run_dir = tmp_path / "runs" / "direct" / direct["run_folder"]
+    assert "style: direct" in (run_dir / "config.yaml").read_text()
+    final = json.loads((run_dir / "evals" / "step_4.json").read_text())["by_difficulty"]
+    assert direct["final"] == final and set(final) == {"3", "5", "6"}
+    assert "| direct | SFT style direct (answer only) |" in out.stdout
+    assert table({"rows": rows})[2].startswith("| base | the base config | 50.0% ±25.0 | 75.0% ±21.7 |")

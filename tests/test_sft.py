@@ -1,9 +1,11 @@
+import random
 import statistics
 
 import pytest
 import torch
 
 from picorl import data, evaluate, models, sft
+from picorl.batching import chat_prompt_ids
 from picorl.envs.letter_counting import grade
 
 
@@ -36,7 +38,7 @@ def test_cot_tokens_spells_the_prompt_tokens_line_by_line(tokenizer):
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     assert len(newline) == 1
     for rec in data.eval_records(6, 16) + data.eval_records(3, 16):
-        prompt = sft.chat_prompt_ids(tokenizer, data.messages_of(rec))
+        prompt = chat_prompt_ids(tokenizer, data.messages_of(rec))
         piece_ids = tokenizer(rec["string"], add_special_tokens=False)["input_ids"]
         assert any(prompt[i:i + len(piece_ids)] == piece_ids for i in range(len(prompt)))
         assert "".join(sft.string_tokens(tokenizer, rec["string"])) == rec["string"]
@@ -64,6 +66,58 @@ def test_loss_covers_assistant_tokens_only(tokenizer):
     assert ids[-len(target):] == target and labels[:len(ids) - len(target)] == [-100] * (len(ids) - len(target))
 
 
+@pytest.mark.parametrize("style", sft.STYLES)
+def test_records_tokenized_in_chunks_match_one_at_a_time(tokenizer, style, monkeypatch):
+    # Chunks of 7 make the last chunk partial; each record is built the slow, obvious way.
+    monkeypatch.setattr(sft, "ENCODE_CHUNK", 7)
+    recs = [r for d in (1, 3, 6) for r in data.train_records(d, 8)]
+    for rec, (ids, labels) in zip(recs, sft.encode_records(tokenizer, recs, style, progress=False), strict=True):
+        prompt = chat_prompt_ids(tokenizer, data.messages_of(rec))
+        target = tokenizer(sft.demonstration(rec, style, tokenizer), add_special_tokens=False)["input_ids"]
+        assert ids == prompt + target + [tokenizer.eos_token_id]
+        assert labels == [-100] * len(prompt) + target + [tokenizer.eos_token_id]
+
+
+def test_random_batches_are_the_seeded_draws_with_replacement():
+    batches = sft.SFTBatches([5] * 10, batch_size=4, seed=3, group_by_length=False)
+    for step in (0, 7):
+        rng = random.Random(f"sft/3/{step}")
+        assert batches(step) == [rng.randrange(10) for _ in range(4)]
+
+
+def test_length_batches_cover_each_epoch_once_with_rows_of_like_length(tokenizer):
+    recs = [r for d in range(1, 7) for r in data.train_records(d, 96)]
+    lengths = [len(ids) for ids, _ in sft.encode_records(tokenizer, recs, "cot", progress=False)]
+    by_length = sft.SFTBatches(lengths, batch_size=32, seed=0, group_by_length=True)
+    assert by_length.per_epoch == 18
+    for epoch in (0, 1):
+        steps = range(epoch * 18, (epoch + 1) * 18)
+        seen = sorted(i for s in steps for i in by_length(s))
+        assert seen == list(range(len(recs)))  # 576 = 18 x 32: every example once
+    assert by_length(0) != by_length(18)  # each epoch reshuffles
+
+    def real_share(batches, steps):
+        rows = [[lengths[i] for i in batches(s)] for s in steps]
+        return sum(map(sum, rows)) / sum(max(r) * len(r) for r in rows)
+
+    # Random batches of 32 are about half padding (sft.py's docstring: 48% real tokens on
+    # d1-d6 cot); sorted windows leave a few percent.
+    random_share = real_share(sft.SFTBatches(lengths, 32, 0, False), range(18))
+    assert random_share < 0.6 and real_share(by_length, range(36)) > 0.9
+    # Batches are a function of (seed, step): a fresh plan, asked out of order, agrees.
+    fresh = sft.SFTBatches(lengths, 32, 0, True)
+    assert [fresh(s) for s in (20, 3, 35)] == [by_length(s) for s in (20, 3, 35)]
+
+
+def test_length_batches_cycle_when_there_are_fewer_examples_than_a_batch():
+    batches = sft.SFTBatches([3, 1, 2], batch_size=8, seed=0, group_by_length=True)
+    assert batches.per_epoch == 1
+    batch = batches(0)
+    assert len(batch) == 8 and set(batch) == {0, 1, 2}
+    with pytest.raises(ValueError, match="at least one demonstration"):
+        sft.SFTBatches([], batch_size=8, seed=0, group_by_length=True)
+
+
 def test_sft_on_tiny_model_reduces_loss_and_is_resumable(tokenizer):
     recs = data.train_records(1, 50)
     model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16)
@@ -75,6 +129,19 @@ def test_sft_on_tiny_model_reduces_loss_and_is_resumable(tokenizer):
     m2 = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16)
     again = sft.train_sft(m2, tokenizer, recs, style="direct", steps=1, batch_size=4, lr=5e-3, progress=False)
     assert again[0] == pytest.approx(losses[0])
+
+
+def test_length_grouped_sft_resumed_midway_trains_on_that_step_s_batch(tokenizer):
+    # 50 records / 4 per batch: 12 steps an epoch, so step 14 is in the second epoch.
+    recs = data.train_records(2, 50)
+    torch.manual_seed(1)
+    model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16).train()
+    examples = sft.encode_records(tokenizer, recs, "cot", progress=False)
+    batch = [examples[i] for i in sft.SFTBatches([len(x) for x, _ in examples], 4, 0, True)(14)]
+    expected = sft.sft_loss(model, *sft.collate(batch, tokenizer.pad_token_id)).item()  # same ops, same bits
+    resumed = sft.train_sft(model, tokenizer, recs, style="cot", batch_size=4, lr=5e-3, group_by_length=True,
+                            steps=15, start_step=14, progress=False)
+    assert resumed == [expected]
 
 
 @pytest.mark.slow
