@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -22,7 +23,6 @@ def check_out(path: str, force: bool) -> None:
     """Refuse an --out that is not a new or replaceable regular file, before any work."""
     import os
     import stat
-    from pathlib import Path
 
     p = Path(path)
     try:
@@ -116,6 +116,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="run GRPO chunks data parallel on N processes (GPUs) with torchrun; "
                         "the same as --set run.nproc_per_node=N")
+    p.add_argument("--nnodes", type=int, default=None, metavar="N",
+                   help="run GRPO chunks on N machines; the others run `picorl join` (--set run.nnodes=N)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="this machine as the others reach it, for --nnodes > 1 (--set run.rdzv_endpoint=...)")
 
 
 def dry_run(cfg, model_problem: str | None) -> None:
@@ -163,8 +167,9 @@ def cmd_train(args) -> None:
     from picorl import models
     from picorl.config import ConfigError, load_config
 
-    if args.nproc_per_node is not None:
-        args.set = [*args.set, f"run.nproc_per_node={args.nproc_per_node}"]
+    for key in ("nproc_per_node", "nnodes", "rdzv_endpoint"):
+        if getattr(args, key) is not None:
+            args.set = [*args.set, f"run.{key}={getattr(args, key)}"]
     try:
         cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
     except ConfigError as e:
@@ -231,6 +236,15 @@ def export_mlflow_records(run_dir, out) -> dict:
         raise UsageError(f"exported {out}, but not its MLflow records: {str(e).splitlines()[0][:300]}") from None
 
 
+def cmd_join(args) -> None:
+    from picorl.parallel import join
+
+    if not Path(args.output_dir).is_dir():
+        raise UsageError(f"--output-dir {args.output_dir}: no such folder; it is the run.output_dir the "
+                         "training machine writes to, shared with this one")
+    join(args.output_dir, once=args.once, log=lambda line: print(f"picorl join: {line}", flush=True))
+
+
 def config_table() -> str:
     """Every config knob as a markdown table (the README's reference section)."""
     from picorl.config import describe
@@ -285,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--mlflow", action="store_true",
                    help="bring the run's MLflow records along (OUT/mlruns), so `mlflow ui` opens it anywhere")
     x.set_defaults(func=cmd_export)
+
+    j = sub.add_parser("join", help="lend this machine's GPUs to data-parallel runs (run.nnodes > 1) "
+                                    "writing to a shared output folder")
+    j.add_argument("--output-dir", required=True, help="the runs' run.output_dir, shared with the training machine")
+    j.add_argument("--once", action="store_true", help="leave when a run this machine joined is over")
+    j.set_defaults(func=cmd_join)
 
     c = sub.add_parser("config", help="print every config key with its default and help, as markdown")
     c.set_defaults(func=cmd_config)

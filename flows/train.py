@@ -12,6 +12,7 @@ from prefect import flow, runtime
 
 from picorl import pipeline
 from picorl.config import ConfigError, load_config
+from picorl.parallel import release_nodes
 from picorl.plan import chunks
 from picorl.run_folder import RunFolder, RunLock, RunLocked, output_dir_problem
 from tasks import pipeline_tasks as t
@@ -68,8 +69,16 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
     return {"run_dir": str(run_dir), "parent_run_id": parent}, lock
 
 
+def with_nproc(overrides: list[str] | None, nproc_per_node: int | None) -> list[str]:
+    """The overrides, with run.nproc_per_node set when the deployment passes it."""
+    return [*(overrides or []), *([f"run.nproc_per_node={nproc_per_node}"] if nproc_per_node is not None else [])]
+
+
 @flow(name="picorl-train")
-def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None) -> dict:
+def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None,
+          nproc_per_node: int | None = None) -> dict:
+    """nproc_per_node: GPUs of the worker's machine that train each GRPO chunk (torchrun); None keeps the config's."""
+    overrides = with_nproc(overrides, nproc_per_node)
     cfg = load_config(config_path, overrides)  # validated before any task runs
     check_model_config(cfg)
     problem = None if resume else output_dir_problem(cfg.run.output_dir)
@@ -99,6 +108,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
             print(f"could not mark MLflow run {run['parent_run_id']} FAILED: {e}")
         raise
     finally:
+        release_nodes(run["run_dir"])  # machines that joined its chunks (run.nnodes > 1) may leave
         lock.release()
     hint = tracking.close_parent_run(run["parent_run_id"], "FINISHED")
     print(f"report: {out['report']}")

@@ -161,6 +161,8 @@ class RunConfig:
     retry_delay_s: float = knob(5.0, "Seconds between retries.")
     tracking_outage_s: float = knob(600.0, "How long training goes on while MLflow is unreachable before a task fails (its retry resumes).")
     nproc_per_node: int = knob(1, "Processes (one per GPU) that run each GRPO chunk data parallel under torchrun; 1 runs it in the flow's process.")
+    nnodes: int = knob(1, "Machines that run each GRPO chunk together; the others run `picorl join` on a run.output_dir they share with this one.")
+    rdzv_endpoint: str | None = knob(None, "host:port of this machine, reachable from the others (torchrun's c10d rendezvous); needed when run.nnodes > 1.")
     registered_model: str | None = knob(None, "When set, the final weights are logged as an MLflow model and registered under this name.")
 
 
@@ -205,7 +207,7 @@ RULES = {
     "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
     "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
-    "run.chunk_updates": _pos, "run.nproc_per_node": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
+    "run.chunk_updates": _pos, "run.nproc_per_node": _pos, "run.nnodes": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
     "stage.difficulty": _diff, "stage.updates": _pos, "stage.window": _pos, "stage.max_difficulty": _diff,
 }
 
@@ -214,6 +216,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # The item type of every list knob (each must also be non-empty).
 LIST_ITEMS = {"model.lora.target_modules": str, "sft.difficulties": int, "eval.difficulties": int}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RDZV_ENDPOINT = re.compile(r"[A-Za-z0-9._-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -400,6 +403,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
     if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":
         raise ConfigError(f"rollout.hf_compile=true needs rollout.hf_cache=static, got {cfg.rollout.hf_cache!r}")
+    if cfg.run.nnodes > 1 and not RDZV_ENDPOINT.fullmatch(cfg.run.rdzv_endpoint or ""):
+        raise ConfigError(f"run.nnodes={cfg.run.nnodes} needs run.rdzv_endpoint=host:port (this machine, reachable "
+                          f"from the others), got {cfg.run.rdzv_endpoint!r}")
     if cfg.eval.size > cfg.data.eval_size:
         raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
 

@@ -7,6 +7,8 @@ A run folder holds everything a run needs to continue after a crash:
     evals/step_N.json            per-difficulty summaries and per-item completions
     timings.jsonl                each step's wall time and machine, failed tries included
     report.md, curves.png        the training report
+    nodes/                       data parallel chunks: <id>.request.json (what `picorl join`
+                                 machines pick up), <id>.result.json (rank 0's result), done
     .lock                        held by the process training in it
 
     run = RunFolder("outputs/smoke-20261126-120000-abcd1234")
@@ -38,6 +40,14 @@ class RunFolder:
     report = property(lambda self: self.root / "report.md")
     curves = property(lambda self: self.root / "curves.png")
     lock = property(lambda self: self.root / ".lock")
+    nodes = property(lambda self: self.root / "nodes")
+    nodes_done = property(lambda self: self.nodes / "done")  # the run is over: joined machines may leave
+
+    def chunk_request(self, rdzv_id: str) -> Path:
+        return self.nodes / f"{rdzv_id}.request.json"
+
+    def chunk_result(self, rdzv_id: str) -> Path:
+        return self.nodes / f"{rdzv_id}.result.json"
 
     @staticmethod
     def new_path(output_dir, name: str, flow_run_id: str) -> Path:

@@ -105,8 +105,8 @@ def grpo_chunk(run: dict, chunk: dict) -> dict:
 
 
 def run_any_chunk(cfg, run_dir, chunk: Chunk) -> dict:
-    """In this process, or under torchrun with one process per GPU (picorl/parallel.py)."""
-    runner = run_chunk_parallel if cfg.run.nproc_per_node > 1 else pipeline.run_chunk
+    """In this process, or under torchrun with one process per GPU, on one machine or several (picorl/parallel.py)."""
+    runner = run_chunk_parallel if cfg.run.nproc_per_node > 1 or cfg.run.nnodes > 1 else pipeline.run_chunk
     return runner(cfg, run_dir, chunk)
 
 

@@ -48,6 +48,14 @@ def kill_session(p) -> None:
         pass
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_http(url: str, log: Path, timeout_s: float = 120) -> None:
     """Wait until a server we started answers `url`; on timeout, fail with the tail of its log."""
     deadline = time.time() + timeout_s

@@ -70,7 +70,6 @@ def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
 
 def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_twice(tmp_path, capsys):
     from bench.ablation import plan_rows
-    from picorl.config import ConfigError
     rows = plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["base", "no_curriculum", "full_ft", "direct"])
     assert rows["base"]["sets"] == []
     assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 140}]']  # 40 + 100 updates
