@@ -32,14 +32,23 @@ def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
             return r.stdout
 
         prefect("work-pool", "create", "picorl-process", "--type", "process")
+        prefect("work-pool", "create", "picorl-gpu", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
         nightly = prefect("deployment", "inspect", "picorl-train/nightly-curriculum")
         assert "0 2 * * *" in nightly and "configs/default.yaml" in nightly
         prefect("deployment", "inspect", "picorl-train/on-demand")
+        gpu = prefect("deployment", "inspect", "picorl-train/gpu-curriculum")
+        assert "configs/gpu.yaml" in gpu and "'nproc_per_node': 1" in gpu and "picorl-gpu" in gpu
         out = tmp_path / "out"
-        prefect("deployment", "run", "picorl-train/on-demand", "-p", f"config_path={ROOT / 'configs' / 'smoke.yaml'}",
+        smoke = f"config_path={ROOT / 'configs' / 'smoke.yaml'}"
+        prefect("deployment", "run", "picorl-train/on-demand", "-p", smoke,
                 "-p", "overrides=" + json.dumps([f"run.output_dir={out}", "run.name=deployed"]))
         prefect("worker", "start", "--pool", "picorl-process", "--run-once")
+        # The GPU pool's deployment with the smoke config and 2 processes: torchrun with 2 gloo
+        # ranks here, as it would start 2 GPU ranks on the GPU machine.
+        prefect("deployment", "run", "picorl-train/gpu-curriculum", "-p", smoke, "-p", "nproc_per_node=2",
+                "-p", "overrides=" + json.dumps([f"run.output_dir={out}", "run.name=deployed-gpu"]))
+        prefect("worker", "start", "--pool", "picorl-gpu", "--run-once")
     finally:
         server.terminate()
         server.wait(30)
@@ -47,8 +56,12 @@ def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("picorl")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")
-    assert run.info.status == "FINISHED" and run.info.run_name == "deployed"
-    assert run.data.tags["prefect.flow_run_id"] != "local"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/reward_mean")) == [1, 2, 3, 4]
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id],
+                                                            filter_string="tags.`picorl.parent` = 'true'")}
+    assert set(runs) == {"deployed", "deployed-gpu"}
+    for run in runs.values():
+        assert run.info.status == "FINISHED" and run.data.tags["prefect.flow_run_id"] != "local"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/reward_mean")) == [1, 2, 3, 4]
+    assert runs["deployed"].data.params["run.nproc_per_node"] == "1"
+    assert runs["deployed-gpu"].data.params["run.nproc_per_node"] == "2"
     assert list(out.glob("deployed-*/report.md"))
