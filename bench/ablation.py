@@ -69,13 +69,12 @@ def row_overrides(cfg) -> dict[str, tuple[str, list[str]]]:
 
 
 def plan_rows(config: str, names: list[str]) -> dict[str, dict]:
-    """The rows to run, each validated; a row equal to the base config is dropped (with a note)."""
+    """The rows to run, in the order named, each validated; a row equal to the base config is dropped (with a note)."""
     base = load_config(config)
     base_flat = flatten(to_dict(base))
-    rows = {}
-    for name, (change, sets) in row_overrides(base).items():
-        if name not in names:
-            continue
+    overrides, rows = row_overrides(base), {}
+    for name in dict.fromkeys(names):  # in the order asked, each once
+        change, sets = overrides[name]
         try:
             flat = flatten(to_dict(load_config(config, sets)))
         except ConfigError as e:
@@ -138,7 +137,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="the base config every row changes one thing of")
     names = list(row_overrides(load_config(None)))
-    ap.add_argument("--runs", nargs="+", default=names, choices=names, help="rows to (re)run")
+    ap.add_argument("--runs", nargs="+", default=names, choices=names, help="rows to (re)run, in this order")
     ap.add_argument("--out-dir", default="outputs/ablation", help="where the rows' run folders go")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where the result JSON goes")
     ap.add_argument("--dry-run", action="store_true", help="validate every row's config, print the plan, run nothing")
