@@ -1,5 +1,6 @@
 import json
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,18 @@ def test_seed_config_lora_targets_fit_a_tiny_qwen3():
     wrapped = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert wrapped == set(lora.target_modules) and (lora.rank, lora.alpha) == (32, 64)
     assert peft_model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
+
+
+def test_a_new_adapter_is_a_function_of_the_run_seed():
+    from picorl.config import load_config
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+
+    def initial_adapter(seed, rng_state):
+        torch.manual_seed(rng_state)  # whatever ran before left the global RNG anywhere
+        model, _ = models.load_for_config(load_config(smoke, [f"run.seed={seed}"]))
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    first = initial_adapter(0, rng_state=1)
+    assert first.abs().sum() > 0
+    assert torch.equal(first, initial_adapter(0, rng_state=2))
+    assert not torch.equal(first, initial_adapter(1, rng_state=1))
