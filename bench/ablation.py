@@ -102,6 +102,15 @@ def run_row(config: str, name: str, sets: list[str], out_dir: Path) -> Path:
     return max(runs, key=lambda p: p.name)
 
 
+def config_key(config: str) -> dict:
+    """The base config's values that differ from the defaults: what identifies an ablation.
+
+    Only these, so that a knob added later with a default that changes nothing does not
+    orphan the rows already measured."""
+    defaults = flatten(to_dict(load_config(None)))
+    return {k: v for k, v in flatten(to_dict(load_config(config))).items() if defaults.get(k) != v}
+
+
 def row_result(run_dir: Path, change: str, sets: list[str]) -> dict:
     """The row's evals after SFT and at the end, and its training minutes, from its run folder."""
     files = RunFolder(run_dir).eval_files()
@@ -151,7 +160,7 @@ def main() -> int:
         print(f"{name}: {r['change']}" + (f"  (--set {' --set '.join(r['sets'])})" if r["sets"] else ""))
     if args.dry_run:
         return 0
-    out = {"machine": machine(), "config": flatten(to_dict(load_config(args.config))), "rows": {}}
+    out = {"machine": machine(), "config": config_key(args.config), "rows": {}}
     stem = f"ablation-{machine_tag(out['machine'])}-{Path(args.config).stem}"
     result = Path(args.results_dir) / f"{stem}.json"
     kept = earlier_rows(result, out, set(rows))

@@ -82,6 +82,13 @@ def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_t
     assert "already has SFT style direct" in capsys.readouterr().out
 
 
+def test_an_ablation_is_named_by_its_config_s_values_away_from_the_defaults(tmp_path):
+    from bench.ablation import config_key
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sft: {steps: 60, lr: 5.0e-4}\n")  # 5e-4 is the default: not part of the name
+    assert config_key(str(cfg)) == {"sft.steps": 60}
+
+
 def test_an_ablation_row_with_a_bad_override_is_refused_before_any_run(monkeypatch):
     from bench import ablation
     from picorl.config import ConfigError
@@ -93,16 +100,14 @@ def test_an_ablation_row_with_a_bad_override_is_refused_before_any_run(monkeypat
 
 @pytest.mark.slow
 def test_ablation_runs_a_row_through_picorl_train_and_keeps_earlier_rows(tmp_path):
-    from bench.ablation import table
+    from bench.ablation import config_key, table
     from bench.common import machine
-    from picorl.config import flatten, load_config, to_dict
     smoke = str(ROOT / "configs" / "smoke.yaml")
     result = tmp_path / "results" / f"ablation-{''.join(c if c.isalnum() else '_' for c in machine())[:40]}-smoke.json"
     result.parent.mkdir()
     earlier = {"change": "the base config", "sets": [], "run_folder": "x", "final_update": 4, "training_minutes": 0.1,
                "after_sft": {d: {"exact": 0.5, "n": 4} for d in "356"}, "final": {d: {"exact": 0.75, "n": 4} for d in "356"}}
-    result.write_text(json.dumps({"machine": machine(), "config": flatten(to_dict(load_config(smoke))),
-                                  "rows": {"base": earlier}}))
+    result.write_text(json.dumps({"machine": machine(), "config": config_key(smoke), "rows": {"base": earlier}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PREFECT_HOME": str(tmp_path / "prefect")}
     out = subprocess.run([sys.executable, "-m", "bench.ablation", "--config", smoke, "--runs", "direct",
