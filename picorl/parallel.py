@@ -50,8 +50,7 @@ def run_chunk_parallel(cfg, run_dir, chunk: Chunk, progress: bool = True) -> dic
                "nproc_per_node": cfg.run.nproc_per_node, "nnodes": cfg.run.nnodes, "endpoint": cfg.run.rdzv_endpoint}
     published = folder.chunk_request(request["rdzv_id"])
     if cfg.run.nnodes > 1:
-        folder.nodes.mkdir(exist_ok=True)
-        atomic_write_text(published, json.dumps(request))
+        publish(folder, request)
     try:
         done = subprocess.run(torchrun_command(run_dir, request), stdout=None if progress else subprocess.DEVNULL,
                               stderr=None if progress else subprocess.PIPE, text=True)
@@ -65,6 +64,13 @@ def run_chunk_parallel(cfg, run_dir, chunk: Chunk, progress: bool = True) -> dic
     out = json.loads(result.read_text())
     result.unlink()
     return out
+
+
+def publish(folder: RunFolder, request: dict) -> None:
+    """Put a chunk request where `picorl join` looks; a resumed run's folder is live again."""
+    folder.nodes.mkdir(exist_ok=True)
+    folder.nodes_done.unlink(missing_ok=True)  # left by the attempt before a --resume
+    atomic_write_text(folder.chunk_request(request["rdzv_id"]), json.dumps(request))
 
 
 def release_nodes(run_dir) -> None:

@@ -85,6 +85,20 @@ def test_several_machines_need_a_rendezvous_endpoint(endpoint):
         assert load_config(None, ["run.nnodes=2", f"run.rdzv_endpoint={good}"]).run.rdzv_endpoint == good
 
 
+def test_a_resumed_run_publishes_its_chunks_as_live_again(tmp_path):
+    # The first attempt ended (failed), so its folder says done; `picorl join --once` would
+    # leave after one chunk of the resumed run if the marker stayed.
+    from picorl.parallel import publish, release_nodes
+    from picorl.run_folder import RunFolder
+    folder = RunFolder(tmp_path)
+    publish(folder, {"rdzv_id": "r-0-ab"})
+    release_nodes(tmp_path)
+    assert folder.nodes_done.exists()
+    publish(folder, {"rdzv_id": "r-2-cd"})
+    assert not folder.nodes_done.exists()
+    assert json.loads(folder.chunk_request("r-2-cd").read_text()) == {"rdzv_id": "r-2-cd"}
+
+
 def test_join_needs_the_shared_output_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli", "join", "--output-dir", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
