@@ -36,8 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, earlier_rows, machine, machine_tag
-from picorl.files import atomic_write_text
+from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl.config import ConfigError, flatten, load_config, to_dict
 from picorl.export import time_summary
 from picorl.pipeline import read_timings
@@ -136,12 +135,6 @@ def table(out: dict) -> list[str]:
     return lines
 
 
-def write_result(path: Path, out: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(out, indent=2))
-    print(f"wrote {path}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="the base config every row changes one thing of")
@@ -162,8 +155,8 @@ def main() -> int:
         return 0
     out = {"machine": machine(), "config": config_key(args.config), "rows": {}}
     stem = f"ablation-{machine_tag(out['machine'])}-{Path(args.config).stem}"
-    result = Path(args.results_dir) / f"{stem}.json"
-    kept = earlier_rows(result, out, set(rows))
+    results_dir = Path(args.results_dir)
+    kept = earlier_rows(results_dir / f"{stem}.json", out, set(rows))
     out_dir = Path(args.out_dir).resolve()
     failed = []
     for name, r in rows.items():
@@ -175,7 +168,7 @@ def main() -> int:
             continue
         kept[name] = row_result(run_dir, r["change"], r["sets"])
         out["rows"] = {k: kept[k] for k in names if k in kept}  # the table's order, whatever ran first
-        write_result(result, out)  # after every row: an interrupted ablation keeps what it finished
+        write_result(stem, out, results_dir)  # after every row: an interrupted ablation keeps what it finished
     out["rows"] = {k: kept[k] for k in names if k in kept}
     print("\n".join(["", f"{out['machine']}, base config {args.config}:", *table(out)]))
     if failed:

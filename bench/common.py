@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from picorl.files import atomic_write_text
 from picorl.machine import cpu_name, machine_name as machine  # noqa: F401 (the benches import them from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -14,12 +15,12 @@ def machine_tag(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
-def write_result(stem: str, out: dict) -> Path:
-    """Write bench/results/<stem>.json and say so."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote bench/results/{path.name}")
+def write_result(stem: str, out: dict, folder: Path = RESULTS) -> Path:
+    """Write <folder>/<stem>.json (bench/results/ unless told otherwise), atomically, and say so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.json"
+    atomic_write_text(path, json.dumps(out, indent=2))
+    print(f"wrote {'bench/results' if folder == RESULTS else folder}/{path.name}")
     return path
 
 
@@ -27,7 +28,7 @@ def earlier_rows(path: Path, out: dict, rerun: set) -> dict:
     """Rows of an earlier run of the same configuration on the same machine that this run did not redo.
 
     A row can take a quarter of an hour on a CPU, so adding a row (--styles cot_tokens,
-    --rows full_ft) keeps the rows already measured instead of overwriting them.
+    --runs full_ft) keeps the rows already measured instead of overwriting them.
     """
     if not path.exists():
         return {}
