@@ -70,6 +70,21 @@ def test_greedy_equals_hf_with_and_without_adapter_and_after_sync(tiny_model, to
     assert [g[0].token_ids for g in after] != before
 
 
+def test_a_float32_adapter_on_a_bf16_model_runs_in_the_models_dtype(tiny_model, tokenizer):
+    """PEFT keeps adapter weights in float32 beside a bf16 base (as on a GPU run); the
+    engine's buffers all take the base's dtype, on build and on every sync."""
+    model = models.add_lora(tiny_model.to(torch.bfloat16), rank=4, alpha=8)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    engine = GraphEngine(model, tokenizer, batch_size=4, progress=False)
+    assert {t.dtype for t in engine.dec.w.values()} == {torch.bfloat16}
+    perturb_adapter(model)
+    engine.sync_weights(model)
+    a = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.equal(engine.dec.w["0.qkv.lora_a"][:a.shape[0]], a.to(torch.bfloat16))
+    done = engine.generate(prompts(3), 2, Sampling(temperature=1.0, max_tokens=6, seed=0))
+    assert [len(g) for g in done] == [2, 2, 2] and all(c.token_ids for g in done for c in g)
+
+
 def test_full_finetuning_sync_copies_every_weight(tiny_model, tokenizer):
     tiny_model.requires_grad_(True)
     s = Sampling(temperature=0.0, max_tokens=8)

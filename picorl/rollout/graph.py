@@ -200,7 +200,10 @@ class Decoder:
         self.vocab = cfg.vocab_size
         ref = lm.get_input_embeddings().weight
         self.dtype, self.device = ref.dtype, ref.device
-        self.w = {name: spec.build().detach().clone() for name, spec in specs.items()}
+        # One dtype for every buffer: PEFT keeps adapter weights in float32 beside a bf16 base,
+        # and a matmul of bf16 activations with a float32 matrix is an error. sync() copies
+        # into these buffers, so later updates are cast the same way.
+        self.w = {name: spec.build().detach().to(self.dtype, copy=True) for name, spec in specs.items()}
         if "lm_head" not in self.w:
             self.w["lm_head"] = self.w["embed"]  # tied: one buffer serves both
         # The rotary tables for every position a call can reach, computed once by the model's
@@ -366,6 +369,9 @@ class GraphEngine:
         key = (rows, greedy, nucleus)
         if key not in st.graphs:
             t0 = time.perf_counter()
+            # Capture draws random numbers (warm-up steps, the captured step); put the
+            # generator back so a seeded call samples the same whether or not it captured.
+            rng = torch.cuda.get_rng_state(self.dec.device)
             for counter in (st.column, st.step, st.positions):  # warm-up steps must stay inside the buffers
                 counter.zero_()
             side = torch.cuda.Stream()
@@ -378,6 +384,7 @@ class GraphEngine:
             with torch.cuda.graph(graph, pool=self.pool):
                 step()
             torch.cuda.synchronize()
+            torch.cuda.set_rng_state(rng, self.dec.device)
             st.graphs[key] = graph
             self.warmup_s += time.perf_counter() - t0
         return st.graphs[key].replay
