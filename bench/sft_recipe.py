@@ -49,8 +49,8 @@ def main() -> int:
         t0 = time.perf_counter()
         losses = []
         if style != "base":
-            losses = train_sft(model, tok, train, style=style, steps=args.steps, batch_size=args.batch_size,
-                               lr=args.lr, seed=0)
+            losses = [m["sft/loss"] for m in train_sft(model, tok, train, style=style, steps=args.steps,
+                                                       batch_size=args.batch_size, lr=args.lr, seed=0)]
         sft_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         by_d, items = evaluate_sets(model, tok, sets, max_tokens=args.max_tokens, batch_size=64)

@@ -244,12 +244,11 @@ def _sft(cfg: Config, run_dir, progress: bool) -> dict:
     if cfg.sft.enabled and cfg.sft.steps > 0:
         records = [r for d in cfg.sft.difficulties for r in sess.records(run_dir, "train", d)]
         torch.manual_seed(cfg.run.seed)
-        losses = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps,
-                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, seed=cfg.run.seed,
-                           group_by_length=cfg.sft.group_by_length, progress=progress,
-                           on_step=lambda s, _: fault_point("sft", s))
-        history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": {"sft/loss": l}}
-                   for i, l in enumerate(losses)]
+        steps = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps,
+                          batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, seed=cfg.run.seed,
+                          group_by_length=cfg.sft.group_by_length, max_skips_in_a_row=MAX_SKIPS_IN_A_ROW,
+                          progress=progress, on_step=lambda s, _: fault_point("sft", s))
+        history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": m} for i, m in enumerate(steps)]
         sess.engine.sync_weights(sess.model)  # an engine with its own weights (vLLM) gets the SFT adapter
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)

@@ -39,6 +39,7 @@ items 46 on average (67 at most) against cot's 35 at d3, and 265 (345 at most) a
 from __future__ import annotations
 
 import json
+import math
 import random
 from typing import Callable
 
@@ -202,14 +203,25 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
                                              labels[:, -k:].reshape(-1), ignore_index=-100)
 
 
+class NonFiniteSteps(FloatingPointError):
+    """SFT stopped: too many steps in a row had a non-finite loss or gradient norm."""
+
+
 def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, batch_size: int,
               lr: float, seed: int = 0, group_by_length: bool = False, optimizer=None, start_step: int = 0,
-              on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> list[float]:
-    """Run SFT steps [start_step, steps) and return their losses.
+              max_skips_in_a_row: int = 5, on_step: Callable[[int, float], None] | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run SFT steps [start_step, steps); returns each step's {sft/loss, sft/grad_norm, sft/skipped}.
 
     The demonstrations are tokenized once, up front; `SFTBatches` picks step s's batch from
     (seed, step), so step s sees the same batch whether the run went straight through or
     resumed at s.
+
+    A step whose loss or gradient norm is not finite changes nothing: clipping an infinite
+    norm multiplies every gradient by 1/inf = 0, and inf x 0 is NaN, so one such step would
+    turn every weight into NaN (a bf16 run on a GPU did exactly that at step 294 of 400 and
+    answered nothing afterwards). It is logged as skipped; `max_skips_in_a_row` of them
+    raise NonFiniteSteps.
     """
     if steps <= start_step:
         return []
@@ -219,18 +231,26 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
-    losses = []
+    log, in_a_row = [], 0
     for step in tqdm(range(start_step, steps), desc="sft", unit="step", disable=not progress):
         batch = [examples[i] for i in batches(step)]
         ids, attn, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         loss = sft_loss(model, ids, attn, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+        loss_val = loss.item()
+        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        in_a_row = 0 if finite else in_a_row + 1
+        log.append({"sft/loss": loss_val, "sft/grad_norm": grad_norm, "sft/skipped": float(not finite)})
         if on_step is not None:
-            on_step(step + 1, losses[-1])
+            on_step(step + 1, loss_val)
+        if in_a_row >= max_skips_in_a_row:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteSteps(f"SFT: {in_a_row} steps in a row had a non-finite loss or gradient norm "
+                                 f"(last at step {step + 1}, loss {loss_val}, gradient norm {grad_norm})")
     optimizer.zero_grad(set_to_none=True)  # leave no gradients behind for whatever trains next
     model.eval()
-    return losses
+    return log

@@ -1,3 +1,4 @@
+import math
 import random
 import statistics
 
@@ -122,13 +123,51 @@ def test_sft_on_tiny_model_reduces_loss_and_is_resumable(tokenizer):
     recs = data.train_records(1, 50)
     model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16)
     seen = []
-    losses = sft.train_sft(model, tokenizer, recs, style="direct", steps=12, batch_size=4, lr=5e-3,
-                           on_step=lambda s, l: seen.append(s), progress=False)
+    log = sft.train_sft(model, tokenizer, recs, style="direct", steps=12, batch_size=4, lr=5e-3,
+                        on_step=lambda s, l: seen.append(s), progress=False)
+    losses = [m["sft/loss"] for m in log]
     assert seen == list(range(1, 13)) and losses[-1] < losses[0]
+    assert all(m["sft/skipped"] == 0.0 and m["sft/grad_norm"] > 0 for m in log)
     # Step s always sees the same batch: a run resumed at step 6 computes the same first loss.
     m2 = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16)
     again = sft.train_sft(m2, tokenizer, recs, style="direct", steps=1, batch_size=4, lr=5e-3, progress=False)
-    assert again[0] == pytest.approx(losses[0])
+    assert again[0]["sft/loss"] == pytest.approx(losses[0])
+
+
+def poison_gradients(model, calls: set[int]):
+    """Make the gradient of one adapter weight infinite on the given backward calls (1-based)."""
+    p = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    count = [0]
+
+    def hook(grad):
+        count[0] += 1
+        return grad + float("inf") if count[0] in calls else grad
+    p.register_hook(hook)
+
+
+def test_a_step_with_an_infinite_gradient_is_skipped_and_changes_nothing(tokenizer):
+    recs = data.train_records(1, 40)
+    model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8)
+    poison_gradients(model, {2})
+    weights = []
+    log = sft.train_sft(model, tokenizer, recs, style="direct", steps=4, batch_size=4, lr=5e-3, progress=False,
+                        on_step=lambda s, l: weights.append([p.detach().clone() for p in model.parameters()
+                                                             if p.requires_grad]))
+    assert [m["sft/skipped"] for m in log] == [0.0, 1.0, 0.0, 0.0]
+    assert math.isfinite(log[1]["sft/loss"]) and not math.isfinite(log[1]["sft/grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # step 2 moved nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 3 trained again
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sft_stops_after_too_many_non_finite_steps_in_a_row(tokenizer):
+    recs = data.train_records(1, 40)
+    model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8)
+    poison_gradients(model, {2, 3, 4})
+    with pytest.raises(sft.NonFiniteSteps, match=r"3 steps in a row .*\(last at step 4"):
+        sft.train_sft(model, tokenizer, recs, style="direct", steps=10, batch_size=4, lr=5e-3,
+                      max_skips_in_a_row=3, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_length_grouped_sft_resumed_midway_trains_on_that_step_s_batch(tokenizer):
@@ -141,7 +180,7 @@ def test_length_grouped_sft_resumed_midway_trains_on_that_step_s_batch(tokenizer
     expected = sft.sft_loss(model, *sft.collate(batch, tokenizer.pad_token_id)).item()  # same ops, same bits
     resumed = sft.train_sft(model, tokenizer, recs, style="cot", batch_size=4, lr=5e-3, group_by_length=True,
                             steps=15, start_step=14, progress=False)
-    assert resumed == [expected]
+    assert [m["sft/loss"] for m in resumed] == [expected]
 
 
 @pytest.mark.slow
