@@ -110,3 +110,13 @@ def test_inverse_cdf_never_picks_a_zero_probability_token():
     assert sample_inverse_cdf(probs, torch.tensor([1.0, 1.0])).flatten().tolist() == [2, 1]
     assert sample_inverse_cdf(probs, torch.tensor([0.0, 0.0])).flatten().tolist() == [1, 0]
     assert sample_inverse_cdf(probs, torch.tensor([0.3, 0.49])).flatten().tolist() == [2, 0]
+
+
+def test_inverse_cdf_of_nan_probabilities_stays_inside_the_vocabulary():
+    # A model whose weights went NaN: an index past the vocabulary would be a device-side assert
+    # on a GPU (the gather of its log-prob), which ends the process's CUDA context.
+    from picorl.rollout.sampling import sample_inverse_cdf
+
+    probs = torch.tensor([[float("nan")] * 5, [0.2, 0.2, 0.2, 0.2, 0.2]])
+    picks = sample_inverse_cdf(probs, torch.tensor([0.5, 0.5])).flatten().tolist()
+    assert 0 <= picks[0] < 5 and picks[1] == 2

@@ -25,7 +25,10 @@ def sample_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
     cdf = probs.double().cumsum(-1)  # float64: a 49k-term running sum in float32 drifts
     total = cdf[:, -1:]
     u = torch.minimum(uniform.double().view(-1, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)
+    # NaN probabilities (a model whose weights went NaN) make searchsorted return the vocabulary
+    # size; gathering there is a device-side assert on a GPU, which ends the CUDA context for the
+    # whole process. Clamped, the rollout finishes and the trainer names the non-finite loss.
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
 def sample_tokens(logits: torch.Tensor, temperature, top_p, uniform: torch.Tensor,
