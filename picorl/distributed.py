@@ -15,7 +15,8 @@ gradients summed over ranks are the single-process gradient of the whole batch:
     6,400, and all_reduce(SUM) of the gradients gives the gradient of the mean over 6,400.
 
 Every rank then clips the same summed gradient and takes the same optimizer step, so the
-weights stay equal without being broadcast.
+weights stay equal without being broadcast. SFT splits a step's batch the same way, by rows
+(`picorl.sft.batch_gradients`).
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""One GRPO chunk, data parallel: each process torchrun starts runs this as one rank.
+"""SFT or one GRPO chunk, data parallel: each process torchrun starts runs this as one rank.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m picorl.parallel RUN_DIR '{"stage": 0, ...}' ID
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m picorl.parallel RUN_DIR sft ID
 
-Every rank restores the chunk's starting checkpoint, runs the updates with its share of each
-update's tasks (picorl/distributed.py), and rank 0 alone writes the checkpoint, the timings
-and the chunk's result (nodes/ID.result.json in the run folder). `run_chunk_parallel` is how
-the pipeline launches it (`run.nproc_per_node` > 1 or `run.nnodes` > 1).
+For a chunk, every rank restores the chunk's starting checkpoint and runs the updates with
+its share of each update's tasks; for SFT, every rank starts from the base model and trains
+on its share of each step's batch (picorl/distributed.py, picorl/sft.py). Rank 0 alone
+writes the checkpoint, the timings and the result (nodes/ID.result.json in the run folder).
+`run_sft_parallel` and `run_chunk_parallel` are how the pipeline launches them
+(`run.nproc_per_node` > 1 or `run.nnodes` > 1).
 
 Several machines: the flow's machine publishes each chunk as nodes/ID.request.json in the
 run folder, then starts its torchrun agent with a c10d rendezvous at `run.rdzv_endpoint`;
@@ -32,21 +35,41 @@ from picorl.run_folder import RunFolder
 JOIN_POLL_S = 1.0
 
 
+SFT = "sft"  # what a request's job is when it is not a chunk
+
+
+def job_name(request: dict) -> str:
+    chunk = request.get("chunk")
+    return "SFT" if chunk is None else f"chunk {chunk['start']}-{chunk['end']}"
+
+
 def torchrun_command(run_dir, request: dict) -> list[str]:
-    """The torchrun command line of a chunk request, the same on every machine."""
+    """The torchrun command line of a request (SFT or a chunk), the same on every machine."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={request['nproc_per_node']}"]
     if request["nnodes"] == 1:
         cmd.append("--standalone")
     else:
         cmd += [f"--nnodes={request['nnodes']}", "--rdzv-backend=c10d", f"--rdzv-endpoint={request['endpoint']}",
                 f"--rdzv-id={request['rdzv_id']}"]
-    return cmd + ["-m", "picorl.parallel", str(run_dir), json.dumps(request["chunk"]), request["rdzv_id"]]
+    job = SFT if request.get("chunk") is None else json.dumps(request["chunk"])
+    return cmd + ["-m", "picorl.parallel", str(run_dir), job, request["rdzv_id"]]
+
+
+def run_sft_parallel(cfg, run_dir, progress: bool = True) -> dict:
+    """Run SFT under torchrun (on run.nnodes machines of run.nproc_per_node ranks); its result, as run_sft's."""
+    return _run_parallel(cfg, run_dir, None, progress)
 
 
 def run_chunk_parallel(cfg, run_dir, chunk: Chunk, progress: bool = True) -> dict:
     """Run a chunk under torchrun (on run.nnodes machines of run.nproc_per_node ranks); its result, as run_chunk's."""
+    return _run_parallel(cfg, run_dir, chunk, progress)
+
+
+def _run_parallel(cfg, run_dir, chunk: Chunk | None, progress: bool) -> dict:
     folder = RunFolder(run_dir)
-    request = {"chunk": asdict(chunk), "rdzv_id": f"{folder.root.name[-40:]}-{chunk.start}-{uuid.uuid4().hex[:8]}",
+    tag = SFT if chunk is None else chunk.start
+    request = {"chunk": None if chunk is None else asdict(chunk),
+               "rdzv_id": f"{folder.root.name[-40:]}-{tag}-{uuid.uuid4().hex[:8]}",
                "nproc_per_node": cfg.run.nproc_per_node, "nnodes": cfg.run.nnodes, "endpoint": cfg.run.rdzv_endpoint}
     published = folder.chunk_request(request["rdzv_id"])
     if cfg.run.nnodes > 1:
@@ -59,7 +82,7 @@ def run_chunk_parallel(cfg, run_dir, chunk: Chunk, progress: bool = True) -> dic
     result = folder.chunk_result(request["rdzv_id"])
     if done.returncode != 0 or not result.is_file():
         tail = (done.stderr or "")[-2000:]
-        raise RuntimeError(f"data-parallel chunk {chunk.start}-{chunk.end} failed (exit {done.returncode}); "
+        raise RuntimeError(f"data-parallel {job_name(request)} failed (exit {done.returncode}); "
                            f"the next try resumes from the last checkpoint{': ' + tail if tail else ''}")
     out = json.loads(result.read_text())
     result.unlink()
@@ -97,12 +120,11 @@ def join(output_dir, *, once: bool = False, poll_s: float = JOIN_POLL_S, log=pri
             if request["rdzv_id"] in joined:
                 continue
             joined.add(request["rdzv_id"])
-            run_dir, chunk = path.parent.parent, request["chunk"]
-            log(f"joining chunk {chunk['start']}-{chunk['end']} of {run_dir.name}")
+            run_dir, job = path.parent.parent, job_name(request)
+            log(f"joining {job} of {run_dir.name}")
             code = subprocess.run(torchrun_command(run_dir, request)).returncode
             if code != 0:
-                log(f"chunk {chunk['start']}-{chunk['end']} of {run_dir.name} failed here (exit {code}); "
-                    "the flow's retry will publish it again")
+                log(f"{job} of {run_dir.name} failed here (exit {code}); the flow's retry will publish it again")
             last_run = run_dir
         if once and last_run is not None and RunFolder(last_run).nodes_done.exists():
             log(f"{last_run.name} is over")
@@ -116,10 +138,14 @@ def main(argv: list[str]) -> int:
     from picorl import pipeline
     from picorl.distributed import init_from_env
 
-    run_dir, chunk, rdzv_id = argv[0], Chunk(**json.loads(argv[1])), argv[2]
+    run_dir, job, rdzv_id = argv[0], argv[1], argv[2]
     rank, _ = init_from_env()
     try:
-        out = pipeline.run_chunk(pipeline.run_config(run_dir), run_dir, chunk, progress=rank == 0)
+        cfg = pipeline.run_config(run_dir)
+        if job == SFT:
+            out = pipeline.run_sft(cfg, run_dir, progress=rank == 0)
+        else:
+            out = pipeline.run_chunk(cfg, run_dir, Chunk(**json.loads(job)), progress=rank == 0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

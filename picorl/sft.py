@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from picorl.batching import left_pad, left_pad_ids, positions
 from picorl.data import messages_of
+from picorl.distributed import all_sum, rank_and_world, sum_gradients
 
 STYLES = ("direct", "cot", "cot_tokens")
 
@@ -190,8 +191,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, attn, left_pad([y for _, y in examples], -100)
 
 
-def sft_loss(model, ids, attn, labels) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens of a left-padded batch.
+def sft_loss(model, ids, attn, labels, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the assistant tokens of a left-padded batch (mean or sum).
 
     Targets sit in the last K positions, so only those get logits: the prompt's logits over
     the whole vocabulary would cost most of the step and feed no loss term.
@@ -200,7 +201,31 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn),
                    logits_to_keep=k + 1).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels[:, -k:].reshape(-1), ignore_index=-100)
+                                             labels[:, -k:].reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+def batch_gradients(model, params: list[torch.nn.Parameter], batch: list[tuple[list[int], list[int]]],
+                    pad_id: int) -> float:
+    """Gradients of one step's mean loss over `batch`; returns that loss.
+
+    Data parallel (picorl/distributed.py), each rank takes rows rank::world and divides its
+    summed loss by the demonstration tokens of the whole batch, so the gradients summed over
+    ranks are the one-process gradient of the batch's mean:
+
+        batch of 4 rows with 30, 10, 20, 40 target tokens on 2 ranks: rank 0 has rows 0 and 2
+        (50 tokens), rank 1 rows 1 and 3 (50); each divides its sum by 100.
+    """
+    rank, world = rank_and_world()
+    mine = batch[rank::world]
+    device = next(model.parameters()).device
+    ids, attn, labels = (t.to(device) for t in collate(mine, pad_id)) if mine else (None, None, None)
+    tokens = int((labels != -100).sum()) if mine else 0
+    (total,) = all_sum([tokens])
+    loss_sum = sft_loss(model, ids, attn, labels, reduction="sum") if mine else None
+    if loss_sum is not None:
+        (loss_sum / total).backward()
+    sum_gradients(params)
+    return all_sum([loss_sum.item() if loss_sum is not None else 0.0])[0] / total
 
 
 class NonFiniteSteps(FloatingPointError):
@@ -227,19 +252,14 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
         return []
     examples = encode_records(tokenizer, records, style, progress=progress)
     batches = SFTBatches([len(ids) for ids, _ in examples], batch_size, seed, group_by_length)
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     log, in_a_row = [], 0
     for step in tqdm(range(start_step, steps), desc="sft", unit="step", disable=not progress):
-        batch = [examples[i] for i in batches(step)]
-        ids, attn, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
-        loss = sft_loss(model, ids, attn, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
-        loss_val = loss.item()
+        loss_val = batch_gradients(model, params, [examples[i] for i in batches(step)], tokenizer.pad_token_id)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()  # every rank clips the same sum
         finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from picorl import checkpoint, pipeline, report
-from picorl.parallel import run_chunk_parallel
+from picorl.parallel import run_chunk_parallel, run_sft_parallel
 from picorl.plan import Chunk
 from picorl.run_folder import RunFolder
 from tasks import tracking
@@ -96,7 +96,7 @@ def build_data(run: dict) -> dict:
 
 @task(name="sft", cache_policy=NO_CACHE)
 def sft(run: dict) -> dict:
-    return run_step(run, pipeline.run_sft)
+    return run_step(run, run_any_sft)
 
 
 @task(name="grpo-chunk", task_run_name="grpo-{chunk[start]}-{chunk[end]}", cache_policy=NO_CACHE)
@@ -104,9 +104,18 @@ def grpo_chunk(run: dict, chunk: dict) -> dict:
     return run_step(run, run_any_chunk, Chunk(**chunk))
 
 
+def data_parallel(cfg) -> bool:
+    return cfg.run.nproc_per_node > 1 or cfg.run.nnodes > 1
+
+
+def run_any_sft(cfg, run_dir) -> dict:
+    """SFT in this process, or under torchrun as the chunks are (picorl/parallel.py)."""
+    return (run_sft_parallel if data_parallel(cfg) else pipeline.run_sft)(cfg, run_dir)
+
+
 def run_any_chunk(cfg, run_dir, chunk: Chunk) -> dict:
     """In this process, or under torchrun with one process per GPU, on one machine or several (picorl/parallel.py)."""
-    runner = run_chunk_parallel if cfg.run.nproc_per_node > 1 or cfg.run.nnodes > 1 else pipeline.run_chunk
+    runner = run_chunk_parallel if data_parallel(cfg) else pipeline.run_chunk
     return runner(cfg, run_dir, chunk)
 
 

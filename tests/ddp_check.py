@@ -1,6 +1,7 @@
-"""One GRPO gradient of a fixed batch, computed data parallel: `torchrun --nproc-per-node N
-tests/ddp_check.py OUT` writes rank 0's summed gradients per algorithm to OUT;
-tests/test_distributed.py compares them with one process's gradient of the whole batch."""
+"""One GRPO gradient of a fixed batch, and one SFT step's, computed data parallel: `torchrun
+--nproc-per-node N tests/ddp_check.py OUT` writes rank 0's summed gradients per algorithm (and
+for SFT) to OUT; tests/test_distributed.py compares them with one process's gradient of the
+whole batch."""
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from picorl import data, distributed, models  # noqa: E402
+from picorl import data, distributed, models, sft  # noqa: E402
 from picorl.batching import chat_prompt_ids  # noqa: E402
 from picorl.config import load_config  # noqa: E402
 from picorl.rollout import Completion  # noqa: E402
@@ -49,8 +50,20 @@ def gradients(algorithm: str, rank: int, world: int) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in trainer.params])
 
 
+def sft_gradients() -> torch.Tensor:
+    """One SFT step's gradient of 7 demonstrations (an odd count: the ranks hold 4 and 3 rows
+    of different lengths), summed over ranks by picorl.sft.batch_gradients."""
+    tok = models.load_tokenizer(models.TINY)
+    model = models.add_lora(float64_norms(models.tiny_llama(len(tok), initializer_range=0.3)), rank=4, alpha=8).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = sft.encode_records(tok, data.train_records(3, 7), "cot", progress=False)
+    sft.batch_gradients(model, params, batch, tok.pad_token_id)
+    return torch.cat([p.grad.flatten() for p in params])
+
+
 if __name__ == "__main__":
     rank, world = distributed.init_from_env()
     out = {a: gradients(a, rank, world) for a in ALGORITHMS}
+    out["sft"] = sft_gradients()
     if rank == 0:
         torch.save(out, sys.argv[1])

@@ -1,5 +1,5 @@
-"""Data-parallel GRPO (picorl/distributed.py): N ranks give one process's gradient; several machines
-(picorl/parallel.py) meet through torchrun's rendezvous."""
+"""Data-parallel GRPO and SFT (picorl/distributed.py): N ranks give one process's gradient; several
+machines (picorl/parallel.py) meet through torchrun's rendezvous."""
 import json
 import os
 import subprocess
@@ -17,15 +17,15 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path):
-    from ddp_check import ALGORITHMS, gradients
+    from ddp_check import ALGORITHMS, gradients, sft_gradients
 
     out = tmp_path / "grads.pt"
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "ddp_check.py"),
                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = torch.load(out)
-    for algorithm in ALGORITHMS:
-        one = gradients(algorithm, rank=0, world=1)
+    for algorithm in (*ALGORITHMS, "sft"):
+        one = sft_gradients() if algorithm == "sft" else gradients(algorithm, rank=0, world=1)
         # float64 throughout (RMSNorm included): the ranks only sum the same terms in another
         # order, which moves a sum of n terms by at most ~n x 1.1e-16 relative.
         assert (ddp[algorithm] - one).norm() <= 1e-9 * one.norm(), algorithm
@@ -37,14 +37,14 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path):
 def test_a_killed_two_rank_chunk_resumes_with_every_step_once(tmp_path, monkeypatch):
     from picorl import pipeline
     from picorl.config import load_config
-    from picorl.parallel import run_chunk_parallel
+    from picorl.parallel import run_chunk_parallel, run_sft_parallel
     from picorl.plan import chunks
 
     cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), ["run.nproc_per_node=2"])
     pipeline.clear_sessions()
     pipeline.prepare_run_dir(cfg, tmp_path)
     pipeline.build_data(cfg, tmp_path)
-    pipeline.run_sft(cfg, tmp_path, progress=False)
+    assert run_sft_parallel(cfg, tmp_path, progress=False)["sft_steps"] == cfg.sft.steps  # SFT on 2 ranks too
     first, second = chunks(cfg)
     assert run_chunk_parallel(cfg, tmp_path, first, progress=False)["step"] == 2
     monkeypatch.setenv("PICORL_FAULT", "update:3:kill")  # a rank dies mid-chunk: torchrun fails the chunk
@@ -55,6 +55,8 @@ def test_a_killed_two_rank_chunk_resumes_with_every_step_once(tmp_path, monkeypa
     assert run_chunk_parallel(cfg, tmp_path, second, progress=False)["step"] == 4  # the retry resumes
     rows = [r for r in pipeline.read_history(tmp_path) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in pipeline.read_history(tmp_path) if r["kind"] == "sft"] == [1, 2, 3]
+    assert [t["ok"] for t in pipeline.read_timings(tmp_path) if t["task"] == "sft"] == [True]  # rank 0's row only
     timings = [t for t in pipeline.read_timings(tmp_path) if t["task"] == "grpo"]
     # Rank 0's rows: the two chunks, and the killed try's failure row when rank 0 outlived the
     # killed rank long enough to record it (the fault fires in whichever rank reaches it first,

@@ -177,10 +177,12 @@ def test_length_grouped_sft_resumed_midway_trains_on_that_step_s_batch(tokenizer
     model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=8, alpha=16).train()
     examples = sft.encode_records(tokenizer, recs, "cot", progress=False)
     batch = [examples[i] for i in sft.SFTBatches([len(x) for x, _ in examples], 4, 0, True)(14)]
-    expected = sft.sft_loss(model, *sft.collate(batch, tokenizer.pad_token_id)).item()  # same ops, same bits
+    expected = sft.sft_loss(model, *sft.collate(batch, tokenizer.pad_token_id)).item()
     resumed = sft.train_sft(model, tokenizer, recs, style="cot", batch_size=4, lr=5e-3, group_by_length=True,
                             steps=15, start_step=14, progress=False)
-    assert [m["sft/loss"] for m in resumed] == [expected]
+    # train_sft divides the summed loss by the token count (as data parallel ranks do), the
+    # mean divides inside cross_entropy: the same float32 numbers, rounded once differently.
+    assert [m["sft/loss"] for m in resumed] == [pytest.approx(expected, rel=1e-6)]
 
 
 @pytest.mark.slow
