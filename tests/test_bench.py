@@ -72,7 +72,7 @@ def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_t
     from bench.ablation import plan_rows
     rows = plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["base", "no_curriculum", "full_ft", "direct"])
     assert rows["base"]["sets"] == []
-    assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 140}]']  # 40 + 100 updates
+    assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 50}]']  # 10 + 40 updates
     assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=5e-06"]
     assert list(plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["full_ft", "base", "full_ft"])) == ["full_ft", "base"]
     one_stage = tmp_path / "direct.yaml"
