@@ -49,8 +49,8 @@ def _deliver_once(run: dict, cfg) -> None:
         if not tracking.has_artifact(c, parent, table):
             tracking.log_eval_table(c, parent, json.loads(f.read_text())["items"], table)
     for ckpt in checkpoint.list_checkpoints(folder.checkpoints):
-        if not tracking.has_artifact(c, parent, f"checkpoints/{ckpt.name}"):
-            c.log_artifacts(parent, str(ckpt), f"checkpoints/{ckpt.name}")
+        if not tracking.has_artifact(c, parent, f"{tracking.CHECKPOINTS}/{ckpt.name}"):
+            c.log_artifacts(parent, str(ckpt), f"{tracking.CHECKPOINTS}/{ckpt.name}")
 
 
 def deliver(run: dict, cfg, *, wait: bool = False) -> bool:

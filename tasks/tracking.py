@@ -217,6 +217,7 @@ def close_parent_run(run_id: str, status: str) -> str | None:
 # ---------------------------------------------------------------- a run's records, portable
 
 
+CHECKPOINTS = "checkpoints"  # the artifact folder a run's checkpoints are logged under
 PORTABLE_STORE = "mlruns"  # inside an exported results folder: mlflow.db and artifacts/
 
 
@@ -227,7 +228,8 @@ def portable_ui_hint(folder) -> str:
 
 def export_records(run_dir, out_dir) -> dict:
     """Copy a training run's MLflow records (parent and stage runs: params, tags, metric
-    histories, artifacts) into out_dir/mlruns, so that `mlflow ui` opens them on any machine.
+    histories, artifacts but the checkpoints) into out_dir/mlruns, so that `mlflow ui` opens
+    them on any machine.
 
     The copy's artifact locations are `mlflow-artifacts:/...` URIs, which `mlflow ui
     --artifacts-destination mlruns/artifacts` resolves relative to where it is started
@@ -265,11 +267,18 @@ def export_records(run_dir, out_dir) -> dict:
         metrics = [m for key in run.data.metrics for m in src.get_metric_history(run.info.run_id, key)]
         for i in range(0, max(len(params), len(metrics)), 500):
             dst.log_batch(rid, metrics=metrics[i:i + 500], params=params[i:i + 500])
-        # Artifacts go straight into the folder that `--artifacts-destination` serves.
+        # Artifacts go straight into the folder that `--artifacts-destination` serves. Not the
+        # checkpoints: with optimizer state a GPU run's are over 100 MB each, too big to commit;
+        # the final adapter is in the results folder, and every checkpoint stays in the source run.
+        target = store / "artifacts" / copy.info.artifact_uri.removeprefix("mlflow-artifacts:/")
         with tempfile.TemporaryDirectory() as tmp:
-            if src.list_artifacts(run.info.run_id):
-                got = src.download_artifacts(run.info.run_id, "", tmp)
-                target = store / "artifacts" / copy.info.artifact_uri.removeprefix("mlflow-artifacts:/")
-                shutil.copytree(got, target, dirs_exist_ok=True)
+            for item in src.list_artifacts(run.info.run_id):
+                if item.path == CHECKPOINTS:
+                    dst.set_tag(rid, "picorl.checkpoints", f"not copied; in run {run.info.run_id} at {tracking_uri()}")
+                    continue
+                got = Path(src.download_artifacts(run.info.run_id, item.path, tmp))
+                dest = target / item.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree(got, dest, dirs_exist_ok=True) if got.is_dir() else shutil.copy2(got, dest))
         dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
     return {"runs": len(new_ids), "ui": portable_ui_hint(out_dir)}

@@ -187,6 +187,9 @@ def test_exported_mlflow_records_open_from_any_folder(store):
         served = MlflowClient(f"http://127.0.0.1:{port}")
         names = {a.path for a in served.list_artifacts(parent.info.run_id)}
         assert {"report.md", "curves.png", "config.yaml", "eval"} <= names
+        assert "checkpoints" not in names and (moved / "adapter" / "adapter_model.safetensors").is_file()
+        assert client.list_artifacts(pid, "checkpoints")  # they stay in the source run, which says so
+        assert copy.get_run(parent.info.run_id).data.tags["picorl.checkpoints"].startswith(f"not copied; in run {pid}")
         got = served.download_artifacts(parent.info.run_id, "config.yaml", str(tmp))
         assert Path(got).read_text() == (Path(out["run_dir"]) / "config.yaml").read_text()
     finally:
