@@ -59,6 +59,8 @@ def add_shape_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--engine", default="hf")
     ap.add_argument("--difficulty", type=int, default=6)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile one more update and report its N most expensive operators")
 
 
 def bench_config(args) -> Config:
@@ -113,7 +115,25 @@ def run_picorl(args) -> dict:
     out = summarise(per_update, PARTS + ("rollout_tokens", "completion_len"))
     out["peak_memory_gb"] = round(peak_memory_gb(), 2)
     out["rollout_tokens_per_s"] = round(out["median"]["rollout_tokens"] / out["median"]["rollout_s"], 1)
+    if args.profile:
+        out["profile"] = profile_update(trainer, records, args.profile)
     return out
+
+
+def profile_update(trainer, records, top: int) -> list[dict]:
+    """One more update under torch.profiler: the `top` operators by their own time on the
+    device that does the work (the GPU's kernels where there is one, else the CPU's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        trainer.update(records)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 2), "calls": e.count} for e in rows]
 
 
 def describe(args) -> dict:
@@ -144,6 +164,11 @@ def main() -> int:
     print(f"| **update** | **{med['update_s']:.2f}** | first update {res['first']['update_s']:.2f} s |")
     print(f"peak memory {res['peak_memory_gb']} GB, rollout {res['rollout_tokens_per_s']} tokens/s, "
           f"mean completion {med['completion_len']:.0f} tokens")
+    if res.get("profile"):
+        print("| operator (one more update, profiled) | self ms | calls |")
+        print("|---|---|---|")
+        for row in res["profile"]:
+            print(f"| `{row['op'][:70]}` | {row['self_ms']:.1f} | {row['calls']} |")
     if args.model != models.EMBEDDED:
         return 0
     write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}"

@@ -36,6 +36,13 @@ def test_update_bench_splits_every_update(tokenizer, engine):
     assert res["peak_memory_gb"] > 0
 
 
+def test_update_bench_profiles_one_more_update_when_asked(tokenizer):
+    profile = run_picorl(shape("--updates", "1", "--engine", "graph", "--profile", "5"))["profile"]
+    assert len(profile) == 5 and all(r["self_ms"] >= 0 and r["calls"] >= 1 for r in profile)
+    assert [r["self_ms"] for r in profile] == sorted((r["self_ms"] for r in profile), reverse=True)
+    assert any(r["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for r in profile)  # the matmuls show
+
+
 @pytest.mark.slow
 def test_vs_trl_runs_both_trainers_side_by_side():
     out = subprocess.run([sys.executable, "-m", "bench.vs_trl", "--model", "tiny-random-llama", "--tasks", "2",
