@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the fast-engine work, in order of importance, on a machine with one
 # CUDA GPU and requirements.txt installed. Each benchmark writes bench/results/*.json naming
-# the GPU; `python -m bench.table --write` then rebuilds the README's tables. About 10 minutes
+# the GPU; `python -m bench.table --write` then rebuilds the README's tables. About 12 minutes
 # on one H100; a step that fails stops the script, so the figures before it are kept.
 #
 #   bash bench/gpu.sh 2>&1 | tee gpu.log
@@ -20,4 +20,8 @@ python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtyp
 python -m bench.sft_speed --batch-size 64 --dtype bfloat16
 # 5. TRL's GRPOTrainer at the same shape, in the same run.
 python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 3
+# 6. The decode step compiled by Inductor before capture (rollout.graph_compile), beside the plain
+#    graph engine: tokens/s, its compile time (warm-up s), and an update at the gpu.yaml shape.
+python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engines graph graph-compile --repeats 1
+python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph-compile --updates 6
 python -m bench.table

@@ -7,7 +7,8 @@
 
 Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV cache),
 `hf-static-compile` (static cache + torch.compile'd decode step), `graph` (our decode step over
-a static cache, CUDA graphs on a GPU: picorl/rollout/graph.py), `vllm`.
+a static cache, CUDA graphs on a GPU: picorl/rollout/graph.py), `graph-compile` (the same step
+compiled by Inductor before it is captured: `rollout.graph_compile`), `vllm`.
 Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
 new tokens counted per engine, the best of --repeats timed calls after one warm-up call
 (the warm-up pays any compile or graph capture; its seconds are reported as `warmup_s`);
@@ -61,9 +62,9 @@ def make_engine(name, model, tok, args):
     if name.startswith("hf"):
         cache = "static" if "static" in name else "dynamic"
         return HFEngine(model, tok, batch_size=args.prompts, progress=False, cache=cache, compile="compile" in name)
-    if name == "graph":
+    if name.startswith("graph"):
         from picorl.rollout.graph import GraphEngine
-        return GraphEngine(model, tok, batch_size=args.prompts, progress=False)
+        return GraphEngine(model, tok, batch_size=args.prompts, progress=False, compile_step=name == "graph-compile")
     from picorl.rollout.vllm import VLLMEngine
     return VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
@@ -78,7 +79,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"],
-                    choices=["hf", "hf-static", "hf-static-compile", "graph", "vllm"])
+                    choices=["hf", "hf-static", "hf-static-compile", "graph", "graph-compile", "vllm"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def add_shape_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--updates", type=int, default=4, help="updates timed; the first is reported apart")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--engine", default="hf")
+    ap.add_argument("--engine", default="hf", help="hf, graph, graph-compile (rollout.graph_compile) or vllm")
     ap.add_argument("--difficulty", type=int, default=6)
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one more update and report its N most expensive operators")
@@ -66,7 +66,8 @@ def add_shape_args(ap: argparse.ArgumentParser) -> None:
 def bench_config(args) -> Config:
     return load_config(None, [
         f"model.name={args.model}", f"model.dtype={args.dtype}", "model.lora.rank=32", "model.lora.alpha=64",
-        f"rollout.engine={args.engine}", f"rollout.max_tokens={args.max_tokens}",
+        f"rollout.engine={args.engine.removesuffix('-compile')}", f"rollout.graph_compile={args.engine == 'graph-compile'}",
+        f"rollout.max_tokens={args.max_tokens}",
         f"rollout.batch_size={args.tasks * args.k}", "rollout.temperature=1.0", "rollout.top_p=1.0",
         "grpo.algorithm=grpo", f"grpo.tasks_per_update={args.tasks}", f"grpo.group_size={args.k}",
         f"grpo.micro_batch_size={args.micro_batch}", "grpo.lr=1e-5", "grpo.kl_coef=0.0"])

@@ -108,6 +108,7 @@ class RolloutConfig:
     batch_size: int = knob(64, "Sequences generated per call to the engine (all tasks x k when it fits).")
     hf_cache: str = knob("dynamic", "hf: KV cache, dynamic (grows per step) or static (preallocated; fixed shapes for compile).")
     hf_compile: bool = knob(False, "hf: torch.compile the decode step (needs hf_cache static); pays a compile on the first call.")
+    graph_compile: bool = knob(False, "graph: torch.compile (Inductor) the decode step before it is captured, fusing its small kernels; pays a compile at the first call.")
     gpu_memory_utilization: float = knob(0.3, "vLLM: fraction of GPU memory (of RAM on CPU) it may take, in (0, 1].")
     max_model_len: int = knob(2048, "vLLM: longest prompt + completion in tokens.")
 

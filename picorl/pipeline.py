@@ -132,7 +132,8 @@ def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True):
     from picorl.rollout import make_engine
 
     r = cfg.rollout
-    options = dict(batch_size=r.batch_size, progress=progress, hf_cache=r.hf_cache, hf_compile=r.hf_compile)
+    options = dict(batch_size=r.batch_size, progress=progress, hf_cache=r.hf_cache, hf_compile=r.hf_compile,
+                   graph_compile=r.graph_compile)
     if r.engine == "vllm":
         from picorl.models import resolve_model
         options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,

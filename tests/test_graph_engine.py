@@ -85,6 +85,37 @@ def test_a_float32_adapter_on_a_bf16_model_runs_in_the_models_dtype(tiny_model, 
     assert [len(g) for g in done] == [2, 2, 2] and all(c.token_ids for g in done for c in g)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_compiled_step_decodes_as_the_eager_one_across_buckets_and_syncs(tiny_model, tokenizer):
+    model = models.add_lora(tiny_model, rank=4, alpha=8)
+    perturb_adapter(model)
+    s = Sampling(temperature=0.0, max_tokens=10)
+    eager = GraphEngine(model, tokenizer, batch_size=4, progress=False)
+    compiled = GraphEngine(model, tokenizer, batch_size=4, progress=False, compile_step=True)
+    # 6 prompts: chunks of 4 and 2 rows, two buckets of one compile (row counts are symbolic).
+    assert_greedy_equal(model, tokenizer, [g[0] for g in eager.generate(prompts(6), 1, s)],
+                        [g[0] for g in compiled.generate(prompts(6), 1, s)])
+    perturb_adapter(model, seed=1)  # the compiled step reads the engine's buffers, which sync fills
+    eager.sync_weights(model)
+    compiled.sync_weights(model)
+    assert_greedy_equal(model, tokenizer, [g[0] for g in eager.generate(prompts(6), 1, s)],
+                        [g[0] for g in compiled.generate(prompts(6), 1, s)])
+    sampled = compiled.generate(prompts(2), 3, Sampling(temperature=1.0, max_tokens=6, seed=0))
+    assert [len(g) for g in sampled] == [3, 3]
+    logprobs = trainer_logprobs(model, tokenizer, [c for g in sampled for c in g])
+    for c, ref in zip((c for g in sampled for c in g), logprobs):
+        assert c.logprobs == pytest.approx(ref, abs=2e-3)
+
+
+def test_the_config_passes_graph_compile_to_the_engine(tiny_model, tokenizer):
+    from picorl.config import load_config
+    from picorl.pipeline import engine_for_config
+    cfg = load_config(None, ["rollout.engine=graph", "rollout.graph_compile=true"])
+    assert engine_for_config(cfg, tiny_model, tokenizer, progress=False).compile_step
+    assert not engine_for_config(load_config(None, ["rollout.engine=graph"]), tiny_model, tokenizer).compile_step
+
+
 def test_full_finetuning_sync_copies_every_weight(tiny_model, tokenizer):
     tiny_model.requires_grad_(True)
     s = Sampling(temperature=0.0, max_tokens=8)

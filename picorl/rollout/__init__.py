@@ -14,7 +14,7 @@ def make_engine(kind: str, model, tokenizer, **options) -> RolloutEngine:
     if kind == "graph":
         from picorl.rollout.graph import GraphEngine
         return GraphEngine(model, tokenizer, batch_size=options.get("batch_size", 64),
-                           progress=options.get("progress", True))
+                           progress=options.get("progress", True), compile_step=options.get("graph_compile", False))
     if kind == "vllm":
         try:
             from picorl.rollout.vllm import VLLMEngine
