@@ -217,15 +217,17 @@ def batch_gradients(model, params: list[torch.nn.Parameter], batch: list[tuple[l
     """
     rank, world = rank_and_world()
     mine = batch[rank::world]
-    device = next(model.parameters()).device
-    ids, attn, labels = (t.to(device) for t in collate(mine, pad_id)) if mine else (None, None, None)
-    tokens = int((labels != -100).sum()) if mine else 0
+    loss_sum, tokens = torch.zeros(()), 0  # a rank with no rows adds nothing
+    if mine:
+        device = next(model.parameters()).device
+        ids, attn, labels = (t.to(device) for t in collate(mine, pad_id))
+        tokens = int((labels != -100).sum())
+        loss_sum = sft_loss(model, ids, attn, labels, reduction="sum")
     (total,) = all_sum([tokens])
-    loss_sum = sft_loss(model, ids, attn, labels, reduction="sum") if mine else None
-    if loss_sum is not None:
+    if mine:
         (loss_sum / total).backward()
     sum_gradients(params)
-    return all_sum([loss_sum.item() if loss_sum is not None else 0.0])[0] / total
+    return all_sum([loss_sum.item()])[0] / total
 
 
 class NonFiniteSteps(FloatingPointError):

@@ -279,6 +279,9 @@ def export_records(run_dir, out_dir) -> dict:
                 got = Path(src.download_artifacts(run.info.run_id, item.path, tmp))
                 dest = target / item.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree(got, dest, dirs_exist_ok=True) if got.is_dir() else shutil.copy2(got, dest))
+                if got.is_dir():
+                    shutil.copytree(got, dest, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(got, dest)
         dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
     return {"runs": len(new_ids), "ui": portable_ui_hint(out_dir)}
