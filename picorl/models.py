@@ -143,6 +143,19 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
 ATTENTIONS = ("grouped_sdpa", "sdpa", "eager")
 
 
+def disable_cudnn_attention() -> None:
+    """Keep SDPA off its cuDNN kernels (flash, memory-efficient and math remain).
+
+    On an H100/H200 with a recent cuDNN, torch picks cuDNN first for SDPA with an explicit
+    mask, and its backward has returned NaN query gradients when a row's log-sum-exp is very
+    negative (pytorch/pytorch#196678, seen with torch 2.11 on sm90). Every batch we train on is
+    left-padded, and a pad's query row is fully masked: its log-sum-exp is -inf. A bf16 SFT run
+    on an H100 had a finite loss and a NaN gradient at one step of 400. The memory-efficient
+    kernel returns 0 for such rows, with finite gradients.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attention: str = "grouped_sdpa"):
     """(model, tokenizer) on the chosen device, in eval mode.
@@ -158,6 +171,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         import picorl.attention  # noqa: F401  (registers it with transformers)
 
     dev = pick_device(device)
+    if dev.type == "cuda":
+        disable_cudnn_attention()
     tok = load_tokenizer(name, trust_remote_code)
     if name == TINY:
         model = tiny_llama(len(tok))

@@ -50,3 +50,39 @@ def test_load_model_uses_grouped_sdpa_and_checks_the_name():
     assert model.config._attn_implementation == "grouped_sdpa"
     with pytest.raises(ValueError, match="model.attention must be one of grouped_sdpa, sdpa, eager, got 'flash'"):
         load_model("tiny-random-llama", attention="flash")
+
+
+@pytest.fixture
+def cudnn_sdp_flag():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_only_a_cuda_model_turns_cudnn_attention_off(cudnn_sdp_flag):
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    load_model("tiny-random-llama", device="cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves the process's settings alone
+    if torch.cuda.is_available():
+        load_model("tiny-random-llama", device="cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["grouped_sdpa", "sdpa"])
+def test_bf16_gradients_stay_finite_on_fully_masked_pad_rows(impl, cudnn_sdp_flag):
+    """A left-padded bf16 batch 192 tokens long (192 % 128 == 64, the shape of the cuDNN bug):
+    the pads' query rows see no key, and every gradient must still be finite."""
+    from picorl.sft import sft_loss
+    model, _ = load_model("tiny-random-llama", device="cuda", dtype="bfloat16", attention=impl)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (4, 192), generator=g)
+    attn = torch.ones_like(ids)
+    for row, pads in enumerate([0, 5, 40, 100]):
+        attn[row, :pads] = 0
+    labels = ids.masked_fill(attn == 0, -100)
+    labels[:, :150] = -100
+    sft_loss(model, ids.cuda(), attn.cuda(), labels.cuda()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
