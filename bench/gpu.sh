@@ -16,8 +16,9 @@ python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engine
 python -m bench.rollout --prompts 256 --max-tokens 384 --dtype bfloat16 --engines graph --repeats 2
 # 3. One GRPO update at configs/gpu.yaml's shape, split into its parts, and its 25 costliest kernels.
 python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 6 --profile 25
-# 4. SFT throughput at the headline recipe's batch (the 0.33 s/step was measured at 64).
-python -m bench.sft_speed --batch-size 64 --dtype bfloat16
+# 4. SFT throughput at the headline recipe's batch (the 0.33 s/step was measured at 64),
+#    and the 25 costliest kernels of two steps.
+python -m bench.sft_speed --batch-size 64 --dtype bfloat16 --profile 25
 # 5. TRL's GRPOTrainer at the same shape, in the same run.
 python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 3
 # 6. The decode step compiled by Inductor before capture (rollout.graph_compile), beside the plain

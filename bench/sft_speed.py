@@ -8,7 +8,8 @@ a fresh LoRA adapter r32/alpha64 runs `train_sft` for --warmup steps (kernels, a
 then --steps timed steps. Tokenizing the demonstrations, once per run, is timed apart. Tokens
 are the real tokens of the batches (prompt + demonstration, what the forward pass must read),
 the demonstration tokens alone (what the loss covers), and the padded total (what it does
-read), so padding and prompt costs show. Writes
+read), so padding and prompt costs show. --profile N profiles 2 more steps of random batches
+and lists their N costliest operators, with the time the device was busy against the wall. Writes
 bench/results/sft-speed-<machine>-<batch>-<dtype>.json.
 """
 from __future__ import annotations
@@ -19,9 +20,22 @@ import time
 
 import torch
 
-from bench.common import machine, machine_tag, write_result
+from bench.common import machine, machine_tag, print_profile, profile_top, write_result
 from picorl import data, models
-from picorl.sft import SFTBatches, encode_records, train_sft
+from picorl.sft import SFTBatches, encode_records, sft_step, train_sft
+
+
+def profile_sft_steps(model, tok, examples, args, steps) -> dict:
+    """`steps` more SFT steps of random batches under the profiler (tokenizing is not in it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    plan = SFTBatches([len(ids) for ids, _ in examples], args.batch_size, 0, False)
+    model.train()
+
+    def run():
+        for s in steps:
+            sft_step(model, params, optimizer, [examples[i] for i in plan(s)], tok.pad_token_id)
+    return profile_top(run, args.profile)
 
 
 def main() -> int:
@@ -33,6 +47,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     ap.add_argument("--per-difficulty", type=int, default=500, help="demonstrations per difficulty")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile 2 more steps of random batches and report their N most expensive operators")
     args = ap.parse_args()
     if args.warmup < 1 or args.steps < 1:
         ap.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
@@ -58,6 +74,9 @@ def main() -> int:
         train_sft(model, tok, records, style=args.style, steps=args.warmup + args.steps, batch_size=args.batch_size,
                   lr=1e-3, group_by_length=by_length, on_step=stamp, progress=False)
         seconds = done_at[-1] - done_at[args.warmup - 1]  # the timed steps: after warmup, tokenizing excluded
+        if args.profile and not by_length:
+            n = args.warmup + args.steps
+            prof = profile_sft_steps(model, tok, examples, args, range(n, n + 2))
         del model
         plan = SFTBatches(lengths, args.batch_size, 0, by_length)
         batches = [plan(s) for s in range(args.warmup, args.warmup + args.steps)]
@@ -73,6 +92,9 @@ def main() -> int:
     out = {"machine": machine(), "torch": torch.__version__, "config": vars(args),
            "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
            "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2)}
+    if args.profile:
+        out["profile"] = prof
+        print_profile("2 more SFT steps of random batches", prof)
     print(f"{out['machine']}: SFT {args.style}, batch {args.batch_size}, {args.dtype}: tokenizing "
           f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
           f"by length {out['by_length_speedup']}x the steps/s of random batches")

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.common import machine, machine_tag, write_result
+from bench.common import machine, machine_tag, print_profile, profile_top, write_result
 from picorl import data, models
 from picorl.config import Config, load_config
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
@@ -117,24 +117,8 @@ def run_picorl(args) -> dict:
     out["peak_memory_gb"] = round(peak_memory_gb(), 2)
     out["rollout_tokens_per_s"] = round(out["median"]["rollout_tokens"] / out["median"]["rollout_s"], 1)
     if args.profile:
-        out["profile"] = profile_update(trainer, records, args.profile)
+        out["profile"] = profile_top(lambda: trainer.update(records), args.profile)
     return out
-
-
-def profile_update(trainer, records, top: int) -> list[dict]:
-    """One more update under torch.profiler: the `top` operators by their own time on the
-    device that does the work (the GPU's kernels where there is one, else the CPU's)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        trainer.update(records)
-        if cuda:
-            torch.cuda.synchronize()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 2), "calls": e.count} for e in rows]
 
 
 def describe(args) -> dict:
@@ -166,10 +150,7 @@ def main() -> int:
     print(f"peak memory {res['peak_memory_gb']} GB, rollout {res['rollout_tokens_per_s']} tokens/s, "
           f"mean completion {med['completion_len']:.0f} tokens")
     if res.get("profile"):
-        print("| operator (one more update, profiled) | self ms | calls |")
-        print("|---|---|---|")
-        for row in res["profile"]:
-            print(f"| `{row['op'][:70]}` | {row['self_ms']:.1f} | {row['calls']} |")
+        print_profile("one more update", res["profile"])
     if args.model != models.EMBEDDED:
         return 0
     write_result(f"update-{machine_tag(out['machine'])}-{args.tasks}x{args.k}x{args.max_tokens}-{resolved_dtype(args)}"

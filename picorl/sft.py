@@ -230,6 +230,21 @@ def batch_gradients(model, params: list[torch.nn.Parameter], batch: list[tuple[l
     return all_sum([loss_sum.item()])[0] / total
 
 
+def sft_step(model, params, optimizer, batch: list[tuple[list[int], list[int]]],
+             pad_id: int) -> tuple[float, float, bool]:
+    """One optimizer step on `batch`, unless its loss or gradient norm is not finite.
+
+    Returns (loss, gradient norm before clipping, whether the step was taken).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_val = batch_gradients(model, params, batch, pad_id)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()  # every rank clips the same sum
+    finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    return loss_val, grad_norm, finite
+
+
 class NonFiniteSteps(FloatingPointError):
     """SFT stopped: too many steps in a row had a non-finite loss or gradient norm."""
 
@@ -259,12 +274,8 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
     model.train()
     log, in_a_row = [], 0
     for step in tqdm(range(start_step, steps), desc="sft", unit="step", disable=not progress):
-        optimizer.zero_grad(set_to_none=True)
-        loss_val = batch_gradients(model, params, [examples[i] for i in batches(step)], tokenizer.pad_token_id)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()  # every rank clips the same sum
-        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
+        loss_val, grad_norm, finite = sft_step(model, params, optimizer, [examples[i] for i in batches(step)],
+                                               tokenizer.pad_token_id)
         in_a_row = 0 if finite else in_a_row + 1
         log.append({"sft/loss": loss_val, "sft/grad_norm": grad_norm, "sft/skipped": float(not finite)})
         if on_step is not None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.update import PARTS, add_shape_args, bench_reward_value, jitter, run_picorl
 
@@ -36,11 +37,31 @@ def test_update_bench_splits_every_update(tokenizer, engine):
     assert res["peak_memory_gb"] > 0
 
 
+def check_profile(prof: dict, top: int) -> None:
+    ops = prof["ops"]
+    assert len(ops) == top and all(r["self_ms"] >= 0 and r["calls"] >= 1 for r in ops)
+    assert [r["self_ms"] for r in ops] == sorted((r["self_ms"] for r in ops), reverse=True)
+    assert any(r["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for r in ops)  # the matmuls show
+    # The listed ops are part of the busy time, which the profiled ops' own times make up.
+    assert sum(r["self_ms"] for r in ops) <= prof["busy_ms"] + 0.1 * top  # each figure rounded to 0.05 ms
+    assert prof["wall_ms"] > 0 and prof["device"] == "cpu"
+
+
 def test_update_bench_profiles_one_more_update_when_asked(tokenizer):
-    profile = run_picorl(shape("--updates", "1", "--engine", "graph", "--profile", "5"))["profile"]
-    assert len(profile) == 5 and all(r["self_ms"] >= 0 and r["calls"] >= 1 for r in profile)
-    assert [r["self_ms"] for r in profile] == sorted((r["self_ms"] for r in profile), reverse=True)
-    assert any(r["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for r in profile)  # the matmuls show
+    check_profile(run_picorl(shape("--updates", "1", "--engine", "graph", "--profile", "5"))["profile"], 5)
+
+
+def test_sft_bench_profiles_steps_without_the_tokenizing(tokenizer):
+    from bench.sft_speed import profile_sft_steps
+    from picorl import data, models
+    from picorl.sft import encode_records
+    model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8)
+    examples = encode_records(tokenizer, data.train_records(2, 6, seed=0), "cot", progress=False)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    prof = profile_sft_steps(model, tokenizer, examples, argparse.Namespace(batch_size=3, profile=6), range(2))
+    check_profile(prof, 6)
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the profiled steps trained
 
 
 @pytest.mark.slow
