@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default="constant", help="sft.lr_schedule: constant, cosine or linear")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="sft.warmup_steps")
     ap.add_argument("--sft-difficulties", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--eval-difficulties", type=int, nargs="+", default=[3])
     ap.add_argument("--eval-size", type=int, default=128)
@@ -50,7 +52,8 @@ def main() -> int:
         losses = []
         if style != "base":
             losses = [m["sft/loss"] for m in train_sft(model, tok, train, style=style, steps=args.steps,
-                                                       batch_size=args.batch_size, lr=args.lr, seed=0)]
+                                                       batch_size=args.batch_size, lr=args.lr, seed=0,
+                                                       lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)]
         sft_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         by_d, items = evaluate_sets(model, tok, sets, max_tokens=args.max_tokens, batch_size=64)
@@ -68,9 +71,13 @@ def main() -> int:
         "max_tokens": args.max_tokens, "dtype": args.dtype}, "rows": rows}
     shape = "".join(map(str, args.sft_difficulties))
     stem = f"sft-recipe-{machine_tag(out['machine'])}-d{shape}-{args.steps}x{args.batch_size}"
+    if args.lr_schedule != "constant" or args.warmup_steps:  # constant rows keep their earlier files and keys
+        out["config"].update(lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
+        stem += f"-{args.lr_schedule}" + (f"-warmup{args.warmup_steps}" if args.warmup_steps else "")
     kept = earlier_rows(RESULTS / f"{stem}.json", out, set(rows))
     out["rows"] = {**kept, **rows}
-    print(f"\n{out['machine']}: SFT {args.steps} steps x {args.batch_size} on d{args.sft_difficulties}")
+    print(f"\n{out['machine']}: SFT {args.steps} steps x {args.batch_size} on d{args.sft_difficulties}, "
+          f"lr {args.lr} {args.lr_schedule} (warmup {args.warmup_steps})")
     head = " | ".join(f"d{d} exact | d{d} formatted" for d in args.eval_difficulties)
     print(f"| row | {head} | SFT s |")
     print("|---" * (1 + 2 * len(args.eval_difficulties) + 1) + "|")

@@ -93,7 +93,9 @@ class SFTConfig:
                           "one line per token of the string. direct: the answer tag only.")
     steps: int = knob(50, "Optimizer steps of SFT.")
     batch_size: int = knob(8, "Demonstrations per SFT step.")
-    lr: float = knob(5e-4, "SFT learning rate (LoRA).")
+    lr: float = knob(5e-4, "SFT learning rate (LoRA): the peak, when a schedule warms up or decays it.")
+    lr_schedule: str = knob("constant", "constant, or decaying to 0 by the last step: cosine or linear.")
+    warmup_steps: int = knob(0, "Steps of linear learning-rate warmup before the schedule.")
     difficulties: list = knob([1, 2, 3, 4, 5, 6], "Difficulties the demonstrations are drawn from, uniformly.")
     group_by_length: bool = knob(True, "Batch demonstrations of like length (an epoch at a time), so a batch is "
                                  "little padding; false draws each batch at random.")
@@ -188,6 +190,7 @@ CHOICES = {
     "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
     "sft.style": ("cot", "cot_tokens", "direct"),
+    "sft.lr_schedule": ("constant", "cosine", "linear"),
     "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
@@ -200,7 +203,7 @@ RULES = {
     "model.lora.rank": _pos, "model.lora.alpha": _pos, "model.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "reward.format_bonus": _nonneg,
     "data.train_size": _pos, "data.eval_size": _pos,
-    "sft.steps": _nonneg, "sft.batch_size": _pos, "sft.lr": _pos,
+    "sft.steps": _nonneg, "sft.batch_size": _pos, "sft.lr": _pos, "sft.warmup_steps": _nonneg,
     "rollout.temperature": _nonneg, "rollout.top_p": _frac, "rollout.max_tokens": _pos,
     "rollout.batch_size": _pos, "rollout.gpu_memory_utilization": _frac, "rollout.max_model_len": _pos,
     "grpo.tasks_per_update": _pos, "grpo.group_size": (lambda v: v >= 2, ">= 2"), "grpo.lr": _pos,
@@ -402,6 +405,9 @@ def validate(cfg: Config) -> None:
                           "starting with a letter or digit): it names a folder inside run.output_dir")
     if cfg.grpo.algorithm == "ppo" and cfg.grpo.epochs < 2:
         raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
+    if cfg.sft.enabled and cfg.sft.warmup_steps >= cfg.sft.steps > 0:
+        raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps} must be below sft.steps={cfg.sft.steps}: "
+                          "SFT would end before its learning rate reached sft.lr")
     if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":
         raise ConfigError(f"rollout.hf_compile=true needs rollout.hf_cache=static, got {cfg.rollout.hf_cache!r}")
     if cfg.run.nnodes > 1 and not RDZV_ENDPOINT.fullmatch(cfg.run.rdzv_endpoint or ""):

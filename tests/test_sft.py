@@ -134,6 +134,39 @@ def test_sft_on_tiny_model_reduces_loss_and_is_resumable(tokenizer):
     assert again[0]["sft/loss"] == pytest.approx(losses[0])
 
 
+def test_lr_schedules_follow_their_formula():
+    assert [sft.sft_lr(s, 100, 1e-3) for s in (0, 50, 99)] == [1e-3] * 3
+    # cosine: 1e-3 x (1 + cos(pi x s / 100)) / 2
+    assert sft.sft_lr(0, 100, 1e-3, "cosine") == pytest.approx(1e-3)
+    assert sft.sft_lr(50, 100, 1e-3, "cosine") == pytest.approx(5e-4)
+    assert sft.sft_lr(99, 100, 1e-3, "cosine") == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.99)) / 2)
+    assert 0 < sft.sft_lr(99, 100, 1e-3, "cosine") < 3e-7  # the last step still moves, a little
+    assert sft.sft_lr(75, 100, 1e-3, "linear") == pytest.approx(2.5e-4)
+    # warmup 10: 1e-4, 2e-4, ... 1e-3 at step 9; the decay then runs over the 90 steps left
+    assert [sft.sft_lr(s, 100, 1e-3, "cosine", 10) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert sft.sft_lr(10, 100, 1e-3, "cosine", 10) == pytest.approx(1e-3)
+    assert sft.sft_lr(55, 100, 1e-3, "cosine", 10) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="sft.lr_schedule must be one of constant, cosine, linear, got 'step'"):
+        sft.sft_lr(0, 10, 1e-3, "step")
+
+
+def test_a_resumed_sft_sets_the_rate_the_whole_run_would(tokenizer):
+    recs = data.train_records(1, 40)
+    kw = dict(style="direct", steps=8, batch_size=4, lr=5e-3, lr_schedule="cosine", warmup_steps=2, progress=False)
+    torch.manual_seed(0)
+    whole = sft.train_sft(models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8), tokenizer, recs, **kw)
+    torch.manual_seed(0)
+    tail = sft.train_sft(models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8), tokenizer, recs,
+                         start_step=5, **kw)
+    assert [m["sft/lr"] for m in whole] == [sft.sft_lr(s, 8, 5e-3, "cosine", 2) for s in range(8)]
+    assert [m["sft/lr"] for m in tail] == [m["sft/lr"] for m in whole[5:]]
+    # The rate reaches the optimizer, whatever rate the optimizer was built with.
+    model = models.add_lora(models.tiny_llama(len(tokenizer)), rank=4, alpha=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    sft.train_sft(model, tokenizer, recs, optimizer=opt, **{**kw, "steps": 3, "warmup_steps": 0})
+    assert opt.param_groups[0]["lr"] == pytest.approx(sft.sft_lr(2, 3, 5e-3, "cosine"))
+
+
 def poison_gradients(model, calls: set[int]):
     """Make the gradient of one adapter weight infinite on the given backward calls (1-based)."""
     p = next(p for n, p in model.named_parameters() if "lora_B" in n)
