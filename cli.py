@@ -142,12 +142,18 @@ STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 
 def prefect_environment(environ=None) -> dict:
-    """Set PREFECT_DEFAULTS where unset (before prefect is imported); returns what was set."""
+    """Set PREFECT_DEFAULTS where unset (before prefect is imported); returns what was set.
+
+    A PREFECT_HOME whose parent folder is missing too is created: Prefect's server cannot open
+    its database there, and reports only "unable to open database file", after its retries.
+    """
     import os
 
     environ = os.environ if environ is None else environ
     applied = {k: v for k, v in PREFECT_DEFAULTS.items() if k not in environ}
     environ.update(applied)
+    if environ.get("PREFECT_HOME"):
+        Path(environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return applied
 
 

@@ -173,6 +173,13 @@ def test_the_cli_sets_prefect_defaults_only_where_unset():
     assert int(PREFECT_DEFAULTS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 90
 
 
+def test_the_cli_creates_a_prefect_home_two_folders_deep(tmp_path):
+    from cli import prefect_environment
+    home = tmp_path / "new" / "prefect"
+    prefect_environment({"PREFECT_HOME": str(home)})
+    assert home.is_dir()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
