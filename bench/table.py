@@ -70,6 +70,8 @@ def sft_rows() -> list[str]:
         for style, row in r["rows"].items():
             cells = " | ".join(f"{row['eval'][str(d)]['exact']:.1%} ({row['eval'][str(d)]['formatted']:.0%})" for d in ds)
             sft = "-" if style == "base" else f"{c['steps']} x {c['batch_size']} on d{'/'.join(map(str, c['sft_difficulties']))}"
+            if style != "base" and c.get("lr_schedule", "constant") != "constant":
+                sft += f", lr {c['lr_schedule']}" + (f" (warmup {c['warmup_steps']})" if c.get("warmup_steps") else "")
             rows.append(f"| {r['machine']} | {style} | {sft} | {', '.join(f'd{d}' for d in ds)}: {cells} | "
                         f"{c['eval_size']} | `{name}` |")
     return ["| machine | row | SFT steps x batch | greedy exact (formatted) | items per set | file |",
