@@ -25,4 +25,6 @@ python -m bench.vs_trl --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtyp
 #    graph engine: tokens/s, its compile time (warm-up s), and an update at the gpu.yaml shape.
 python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engines graph graph-compile --repeats 1
 python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph-compile --updates 6
+# 7. SFT with the forward compiled (sft.compile) beside eager, its compile apart (rewrites step 4's file, all rows in it).
+python -m bench.sft_speed --batch-size 64 --dtype bfloat16 --profile 25 --compile
 python -m bench.table

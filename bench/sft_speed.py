@@ -9,7 +9,9 @@ then --steps timed steps. Tokenizing the demonstrations, once per run, is timed 
 are the real tokens of the batches (prompt + demonstration, what the forward pass must read),
 the demonstration tokens alone (what the loss covers), and the padded total (what it does
 read), so padding and prompt costs show. --profile N profiles 2 more steps of random batches
-and lists their N costliest operators, with the time the device was busy against the wall. Writes
+and lists their N costliest operators, with the time the device was busy against the wall.
+--compile adds random batches with the forward compiled (`sft.compile`): its steps, and its
+warm-up (the compile) apart. Writes
 bench/results/sft-speed-<machine>-<batch>-<dtype>.json.
 """
 from __future__ import annotations
@@ -47,6 +49,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     ap.add_argument("--per-difficulty", type=int, default=500, help="demonstrations per difficulty")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a row of random batches with the forward compiled (sft.compile), and its warm-up")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile 2 more steps of random batches and report their N most expensive operators")
     args = ap.parse_args()
@@ -62,7 +66,10 @@ def main() -> int:
     lengths = [len(ids) for ids, _ in examples]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rows = {}
-    for name, by_length in (("random", False), ("by_length", True)):
+    variants = [("random", False, False), ("by_length", True, False)]
+    if args.compile:
+        variants.append(("random_compiled", False, True))
+    for name, by_length, compiled in variants:
         torch.manual_seed(0)
         model, _ = models.load_model(models.EMBEDDED, dtype=args.dtype)
         model = models.add_lora(model, rank=32, alpha=64)
@@ -71,10 +78,11 @@ def main() -> int:
         def stamp(step, loss):
             sync()
             done_at.append(time.perf_counter())
+        started = time.perf_counter()
         train_sft(model, tok, records, style=args.style, steps=args.warmup + args.steps, batch_size=args.batch_size,
-                  lr=1e-3, group_by_length=by_length, on_step=stamp, progress=False)
+                  lr=1e-3, group_by_length=by_length, compile_forward=compiled, on_step=stamp, progress=False)
         seconds = done_at[-1] - done_at[args.warmup - 1]  # the timed steps: after warmup, tokenizing excluded
-        if args.profile and not by_length:
+        if args.profile and name == "random":
             n = args.warmup + args.steps
             prof = profile_sft_steps(model, tok, examples, args, range(n, n + 2))
         del model
@@ -84,14 +92,19 @@ def main() -> int:
         padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
         target = sum(sum(x != -100 for x in examples[i][1]) for b in batches for i in b)
         rows[name] = {"step_s": round(seconds / args.steps, 3), "tokens_per_s": round(real / seconds, 1),
-                      "target_tokens_per_s": round(target / seconds, 1), "real_share": round(real / padded, 3)}
+                      "target_tokens_per_s": round(target / seconds, 1), "real_share": round(real / padded, 3),
+                      "warmup_s": round(done_at[args.warmup - 1] - started, 1)}  # tokenizing, and a compile
         r = rows[name]
         print(f"{name:>9}: {r['step_s']} s/step, {r['tokens_per_s']} tokens/s "
               f"({r['target_tokens_per_s']} demonstration tokens/s), {r['real_share']:.0%} of the batch real tokens",
-              flush=True)
+              f", warm-up {r['warmup_s']} s", flush=True)
     out = {"machine": machine(), "torch": torch.__version__, "config": vars(args),
            "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
            "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2)}
+    if args.compile:
+        out["compiled_speedup"] = round(rows["random"]["step_s"] / rows["random_compiled"]["step_s"], 2)
+        print(f"compiled (sft.compile): {out['compiled_speedup']}x the steps/s of eager random batches, "
+              f"after a warm-up of {rows['random_compiled']['warmup_s']} s against {rows['random']['warmup_s']} s")
     if args.profile:
         out["profile"] = prof
         print_profile("2 more SFT steps of random batches", prof)

@@ -97,6 +97,8 @@ class SFTConfig:
     lr_schedule: str = knob("constant", "constant, or decaying to 0 by the last step: cosine or linear.")
     warmup_steps: int = knob(0, "Steps of linear learning-rate warmup before the schedule.")
     difficulties: list = knob([1, 2, 3, 4, 5, 6], "Difficulties the demonstrations are drawn from, uniformly.")
+    compile: bool = knob(False, "torch.compile (Inductor) the forward for SFT: fewer, fused kernels for a GPU to launch, paid for "
+                         "by a compile at the first step. Not for a CPU: on 2 cores the 135M model's took 6.8 min and saved 2% a step.")
     group_by_length: bool = knob(True, "Batch demonstrations of like length (an epoch at a time), so a batch is "
                                  "little padding; false draws each batch at random.")
 
