@@ -1,7 +1,8 @@
-"""The README's benchmark tables, built from the JSON files in bench/results/.
+"""The README's benchmark tables, built from the JSON files in bench/results/, and its headline
+table, built from the exported runs in results/ (`picorl export` writes their run.json).
 
     python -m bench.table            # print the tables
-    python -m bench.table --write    # replace the block between the README's bench markers
+    python -m bench.table --write    # replace the blocks between the README's markers
 
 Every figure comes from a result file, and a test checks that the README's block equals
 this script's output, so the README cannot drift from what was measured.
@@ -16,6 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench tables: python -m bench.table --write -->", "<!-- end of bench tables -->"
+HEAD_BEGIN, HEAD_END = "<!-- headline: python -m bench.table --write -->", "<!-- end of headline -->"
+EXPORTS = ROOT / "results"
+# The reference: the earlier picoRL's training report (configs/seed_qwen3_4b.yaml is its config).
+# Its report gives the d6 peak only; the other cells stay empty rather than guessed.
+REFERENCE = ("reference run (earlier picoRL)", "Qwen3-4B-Instruct-2507, LoRA r32, direct SFT + GRPO, partial reward",
+             {"d6": "56.2% (peak)"})
 
 
 def _load(prefix: str) -> list[tuple[str, dict]]:
@@ -104,6 +111,36 @@ def ablation_rows() -> list[str]:
             "| training min | file |", "|---|---|---|---|---|---|---|", *rows]
 
 
+def headline_rows(exports: Path = EXPORTS) -> list[str]:
+    """One row per exported run (results/*/run.json) beside the reference run: greedy exact on the
+    held-out sets at the exported step, and on fresh items when the export ran --fresh."""
+    import yaml
+
+    ds = ("d3", "d5", "d6")
+    rows = [f"| {REFERENCE[0]} | {REFERENCE[1]} | - | - | " + " | ".join(REFERENCE[2].get(d, "-") for d in ds)
+            + " | - | - |"]
+    for run_json in sorted(exports.glob("*/run.json")):
+        r = json.loads(run_json.read_text())
+        cfg = yaml.safe_load((run_json.parent / "config.yaml").read_text())
+        lora = cfg["model"].get("lora", {})
+        model = cfg["model"]["name"] + (f", LoRA r{lora.get('rank')}" if lora.get("enabled", True) else ", full fine-tune")
+        model += f", {cfg['sft']['style']} SFT {cfg['sft']['steps']} x {cfg['sft']['batch_size']} + GRPO {r['step']} updates"
+        held = " | ".join(f"{r['exact'][d]:.1%}" if d in r["exact"] else "-" for d in ds)
+        fresh = r.get("fresh_exact", {})
+        fresh_cells = (" / ".join(f"{fresh[d]:.1%}" if d in fresh else "-" for d in ds) + f" (n={r['fresh_n']})"
+                       if fresh else "-")
+        folder = run_json.parent.name
+        rows.append(f"| [{folder}](results/{folder}/report.md) | {model} | {', '.join(r['machines'])} | "
+                    f"{r['training_minutes']:.1f} | {held} | {fresh_cells} | "
+                    f"{r['failed_tries']} |")
+    return ["| run | model and recipe | machine | training min (SFT + GRPO) | d3 | d5 | d6 "
+            "| fresh items d3 / d5 / d6 | failed tries |", "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def headline_markdown(exports: Path = EXPORTS) -> str:
+    return "\n".join([HEAD_BEGIN, "", *headline_rows(exports), "", HEAD_END])
+
+
 def markdown() -> str:
     return "\n".join([BEGIN, "", "Rollout throughput (`bench/rollout.py`):", "", *rollout_rows(), "",
                       "One GRPO update, split (`bench/update.py`, medians after the first update):", "",
@@ -123,18 +160,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    text = markdown()
+    blocks = [(HEAD_BEGIN, HEAD_END, headline_markdown()), (BEGIN, END, markdown())]
     if not args.write:
-        print(text)
+        print("\n\n".join(text for _, _, text in blocks))
         return 0
     readme = ROOT / "README.md"
     s = readme.read_text()
-    if BEGIN not in s or END not in s:
-        print(f"README.md has no bench markers: add {BEGIN!r} and {END!r} lines first", file=sys.stderr)
-        return 1
-    head, rest = s.split(BEGIN, 1)
-    readme.write_text(head + text + rest.split(END, 1)[1])
-    print("README.md bench tables updated")
+    for begin, end, text in blocks:
+        if begin not in s or end not in s:
+            print(f"README.md lacks a marker: add {begin!r} and {end!r} lines first", file=sys.stderr)
+            return 1
+        head, rest = s.split(begin, 1)
+        s = head + text + rest.split(end, 1)[1]
+    readme.write_text(s)
+    print("README.md headline and bench tables updated")
     return 0
 
 

@@ -80,8 +80,36 @@ def test_vs_trl_runs_both_trainers_side_by_side():
 
 
 def test_readme_bench_tables_are_built_from_the_result_files():
-    from bench.table import markdown
-    assert markdown() in (ROOT / "README.md").read_text(), "stale: run python -m bench.table --write"
+    from bench.table import headline_markdown, markdown
+    readme = (ROOT / "README.md").read_text()
+    assert markdown() in readme, "stale: run python -m bench.table --write"
+    assert headline_markdown() in readme, "stale headline: run python -m bench.table --write"
+
+
+def test_headline_has_a_row_per_exported_run_beside_the_reference(tmp_path):
+    from bench.table import headline_rows
+    from picorl.config import Config, to_dict
+    from picorl.export import time_summary
+    import yaml
+
+    run = tmp_path / "2026-12-01-smollm2-curriculum"
+    run.mkdir()
+    cfg = to_dict(Config())
+    cfg["sft"].update(steps=300, batch_size=64)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    timings = [{"task": "sft", "seconds": 150.0, "ok": True, "machine": "NVIDIA H100 80GB HBM3"},
+               {"task": "grpo", "seconds": 270.0, "ok": True, "machine": "NVIDIA H100 80GB HBM3"},
+               {"task": "grpo", "seconds": 12.0, "ok": False, "machine": "NVIDIA H100 80GB HBM3"}]
+    summary = {"step": 50, "exact": {"d3": 0.96875, "d5": 0.9375, "d6": 0.90625}, "n": {"d3": 128},
+               **time_summary(timings), "fresh_exact": {"d3": 0.953125, "d5": 0.9453125, "d6": 0.8984375},
+               "fresh_n": 128}
+    (run / "run.json").write_text(json.dumps(summary))
+    header, _, reference, row = headline_rows(tmp_path)
+    assert "56.2% (peak)" in reference and header.count("|") == row.count("|") == reference.count("|")
+    assert row.startswith("| [2026-12-01-smollm2-curriculum](results/2026-12-01-smollm2-curriculum/report.md) |")
+    assert "smollm2-135m-instruct, LoRA r32, cot SFT 300 x 64 + GRPO 50 updates" in row
+    # 150 + 270 + 12 s (a failed try counts) = 7.2 min; one failed try
+    assert "| NVIDIA H100 80GB HBM3 | 7.2 | 96.9% | 93.8% | 90.6% | 95.3% / 94.5% / 89.8% (n=128) | 1 |" in row
 
 
 def test_sft_recipe_keeps_rows_of_the_same_configuration_only(tmp_path):
