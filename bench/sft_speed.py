@@ -96,8 +96,8 @@ def main() -> int:
                       "warmup_s": round(done_at[args.warmup - 1] - started, 1)}  # tokenizing, and a compile
         r = rows[name]
         print(f"{name:>9}: {r['step_s']} s/step, {r['tokens_per_s']} tokens/s "
-              f"({r['target_tokens_per_s']} demonstration tokens/s), {r['real_share']:.0%} of the batch real tokens",
-              f", warm-up {r['warmup_s']} s", flush=True)
+              f"({r['target_tokens_per_s']} demonstration tokens/s), {r['real_share']:.0%} of the batch real tokens, "
+              f"warm-up {r['warmup_s']} s", flush=True)
     out = {"machine": machine(), "torch": torch.__version__, "config": vars(args),
            "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
            "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2)}
