@@ -105,3 +105,49 @@ def test_left_padding_right_aligns_rows_and_positions_count_real_tokens():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert positions(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
     assert left_pad([[1], []], -100).tolist() == [[1], [-100]]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    from picorl.grpo import SelectedLogprobs
+    monkeypatch.setattr(SelectedLogprobs, "CHUNK_ROWS", 5)  # 2 sequences of 3 positions a chunk: several chunks
+
+
+def reference_logprobs(logits, targets):
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(wide), -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def test_selected_logprobs_equal_log_softmax_and_its_gradient_in_float64(small_chunks):
+    from picorl.grpo import selected_logprobs
+    g = torch.Generator().manual_seed(0)
+    full = (3 * torch.randn(7, 4, 11, generator=g, dtype=torch.float64)).requires_grad_()
+    logits = full[:, :-1]  # a non-contiguous view, as the trainer passes it
+    targets = torch.randint(0, 11, (7, 3), generator=g)
+    weights = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    got = selected_logprobs(logits, targets)
+    (got * weights).sum().backward()
+    got_grad, full.grad = full.grad.clone(), None
+    want = reference_logprobs(logits, targets)
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_grad, full.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: selected_logprobs(x, targets), (logits.detach().requires_grad_(),))
+
+
+def test_selected_logprobs_of_bf16_logits_match_the_float32_expression(small_chunks):
+    from picorl.grpo import selected_logprobs
+    g = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(6, 3, 50, generator=g)).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50, (6, 3), generator=g)
+    got = selected_logprobs(logits, targets)
+    got.sum().backward()
+    got_grad, logits.grad = logits.grad.clone(), None
+    want = reference_logprobs(logits, targets)
+    want.sum().backward()
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+    # The same float32 sums in another order: a few float32 ulps of values near 10.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # Both gradients round float32 values that agree to ~1e-6 into bf16 (2^-8 apart): at most one step.
+    torch.testing.assert_close(got_grad.float(), logits.grad.float(), rtol=2 ** -7, atol=0)
