@@ -27,6 +27,4 @@ python -m bench.rollout --prompts 128 --max-tokens 384 --dtype bfloat16 --engine
 python -m bench.update --tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph-compile --updates 6
 # 7. SFT with the forward compiled (sft.compile) beside eager, its compile apart (rewrites step 4's file, all rows in it).
 python -m bench.sft_speed --batch-size 64 --dtype bfloat16 --profile 25 --compile
-# 8. Log-probs of the sampled tokens at configs/gpu.yaml's micro-batch: memory and time, both ways.
-python -m bench.logprobs --rows 64 --dtype bfloat16
 python -m bench.table

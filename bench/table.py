@@ -97,17 +97,6 @@ def sft_speed_rows() -> list[str]:
             "| real tokens in the batch | file |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
-def logprobs_rows() -> list[str]:
-    rows = []
-    for name, r in _load("logprobs"):
-        c, lo, se = r["config"], r["rows"]["log_softmax"], r["rows"]["selected"]
-        rows.append(f"| {r['machine']} | {c['rows']} x {c['positions']} x {c['vocab']} | {c['dtype']} | "
-                    f"{lo['peak_gb']} / {se['peak_gb']} ({r['memory_ratio']}x) | {lo['seconds']} / {se['seconds']} "
-                    f"({r['speedup']}x) | `{name}` |")
-    return ["| machine | sequences x positions x vocabulary | logits | peak GB above the logits (log_softmax / "
-            "selected) | s forward + backward | file |", "|---|---|---|---|---|---|", *rows]
-
-
 def ablation_rows() -> list[str]:
     from bench.ablation import cell
     rows = []
@@ -162,8 +151,6 @@ def markdown() -> str:
                       *sft_rows(), "",
                       "SFT throughput, random batches beside batches by length (`bench/sft_speed.py`):", "",
                       *sft_speed_rows(), "",
-                      "Log-probs of the sampled tokens, forward and backward: the plain log-softmax beside "
-                      "`selected_logprobs` (`bench/logprobs.py`):", "", *logprobs_rows(), "",
                       "The ablation, one whole run per row, each on the same held-out sets and budget "
                       "(`bench/ablation.py`; exact ± its standard error):", "",
                       *ablation_rows(), "", END])

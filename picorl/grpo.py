@@ -59,55 +59,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     return centred.view(-1), zero_var
 
 
-class SelectedLogprobs(torch.autograd.Function):
-    """log softmax(logits)[target] for each row, a chunk of rows at a time.
-
-    `log_softmax(logits.float()).gather(target)` holds a float32 copy of every logit and keeps
-    the float32 log-softmax for the backward, and the backward builds two more of that size: at
-    64 sequences x 384 tokens x 49,152 vocabulary entries, 4.8 GB each. Here the forward keeps
-    only the logits as they came (bf16: 2.4 GB) and one log-sum-exp per row, and the backward
-    rebuilds each chunk's softmax from them:
-        d logp[target] / d logit[j] = [j == target] - softmax(logit)[j]
-    so no float32 tensor larger than a chunk ever exists. Values and gradients are the float32
-    (float64 for float64 logits) ones of the plain expression, up to the order of the sums.
-    """
-    CHUNK_ROWS = 1024  # positions at a time: x 49,152 vocabulary x 4 bytes, 200 MB of float32
-
-    @staticmethod
-    def _chunks(logits):
-        """Slices of the leading (sequence) axis, about CHUNK_ROWS positions each. Slicing a
-        view of the logits copies nothing; flattening a non-contiguous one would copy them all."""
-        per = max(1, SelectedLogprobs.CHUNK_ROWS // max(1, logits[0, ..., 0].numel()))
-        return [slice(lo, lo + per) for lo in range(0, logits.shape[0], per)]
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        lse = torch.empty(targets.shape, dtype=wide, device=logits.device)
-        picked = torch.empty_like(lse)
-        for c in SelectedLogprobs._chunks(logits):
-            chunk = logits[c].to(wide)
-            lse[c] = chunk.logsumexp(-1)
-            picked[c] = chunk.gather(-1, targets[c].unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(logits, targets, lse)
-        return picked - lse
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for c in SelectedLogprobs._chunks(logits):
-            g = grad_out[c].unsqueeze(-1)
-            d = logits[c].to(lse.dtype) - lse[c].unsqueeze(-1)  # a new tensor: the rest is in place
-            d.exp_().mul_(-g)  # -softmax x g
-            d.scatter_add_(-1, targets[c].unsqueeze(-1), g)  # + onehot x g
-            grad[c] = d
-        return grad, None
-
-
-def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token under `logits` (..., vocab): float32 or wider."""
-    return SelectedLogprobs.apply(logits, targets)
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to float32 for the log-softmax over the vocabulary; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def token_logprobs(model, input_ids, attention_mask, completion_mask):
@@ -120,7 +74,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask):
     k = max(int(completion_mask.sum(1).max().item()), 1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    logits_to_keep=k + 1).logits[:, :-1]
-    logp = selected_logprobs(logits, input_ids[:, -k:])
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
     mask = completion_mask[:, -k:]
     return logp * mask, mask
 
@@ -158,7 +112,7 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
                    position_ids=c_positions, past_key_values=cache, use_cache=True).logits
     # Token t is predicted by position t-1; the first by the prompt's last position.
     logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1)
-    logp = selected_logprobs(logits, c_ids)
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)
     mask = mask.float()
     return logp * mask, mask
 

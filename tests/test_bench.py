@@ -181,10 +181,3 @@ def test_ablation_runs_a_row_through_picorl_train_and_keeps_earlier_rows(tmp_pat
     assert direct["final"] == final and set(final) == {"3", "5", "6"}
     assert "| direct | SFT style direct (answer only) |" in out.stdout
     assert table({"rows": rows})[2].startswith("| base | the base config | 50.0% ±25.0 | 75.0% ±21.7 |")
-
-
-def test_logprobs_bench_measures_both_expressions():
-    from bench.logprobs import measure
-    for way in ("log_softmax", "selected"):
-        m = measure(way, rows=2, positions=3, dtype="float32", repeats=1)
-        assert m["seconds"] > 0 and m["peak_gb"] >= 0
