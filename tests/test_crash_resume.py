@@ -84,7 +84,9 @@ def test_killed_anywhere_then_resumed_loses_nothing(tmp_path, reference, fault):
     assert steps("eval/acc_d3") == [0, 2, 4]
     got = final_adapter(run)
     assert set(got) == set(reference)
-    assert all(torch.equal(got[k], reference[k]) for k in got), "resumed run ended in another state"
+    differ = {k: (got[k] - reference[k]).abs().max().item() for k in got if not torch.equal(got[k], reference[k])}
+    assert not differ, f"resumed run ended in another state: {len(differ)} of {len(got)} tensors, largest " \
+        f"differences {sorted(differ.values())[-3:]}, of weights up to {max(t.abs().max().item() for t in got.values())}"
     # no temp folders left behind by the interrupted checkpoint write
     ckpts = Path(run.data.tags["picorl.run_dir"]) / "checkpoints"
     assert all(not p.name.startswith(".") for p in ckpts.iterdir())
