@@ -46,7 +46,8 @@ def bench_reward_value(text: str, letters: list[str], answer: dict) -> float:
 
 def picorl_reward(c, r):
     parsed = parse_answer(c.text, r["letters"])
-    return reward_of(parsed, r["answer"], kind="partial") + jitter(c.text), fraction_right(parsed, r["answer"]) == 1.0
+    return (reward_of(parsed, r["answer"], kind="partial") + jitter(c.text), fraction_right(parsed, r["answer"]) == 1.0,
+            parsed.formatted)
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ def check_model_config(cfg) -> None:
     """The model resolves and its LoRA targets exist, checked from its config before any work."""
     from picorl import models
     try:
-        models.check_model(cfg.model)
+        models.check_model_for_config(cfg)
     except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         raise ConfigError(str(e)) from None
 
@@ -111,6 +111,8 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
         release_nodes(run["run_dir"])  # machines that joined its chunks (run.nnodes > 1) may leave
         lock.release()
     hint = tracking.close_parent_run(run["parent_run_id"], "FINISHED")
+    for line in out.get("gains", []):
+        print(line)
     print(f"report: {out['report']}")
     print(f"MLflow: {hint}")
     return {**run, **out, "evals": evals}

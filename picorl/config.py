@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -76,7 +77,8 @@ class ModelConfig:
 @dataclass
 class RewardConfig:
     kind: str = knob("binary", "binary: 1 when every count is right, else 0. partial: the reference system's 0 / 0.1 + 0.9 x fraction right.")
-    format_bonus: float = knob(0.0, "Added to the reward of every well-formatted answer.")
+    format_bonus: float = knob(0.0, "Added to the reward of every well-formatted answer: a formatted wrong answer then beats an unformatted one.")
+    overlong_buffer: int = knob(0, "DAPO's soft overlong penalty: the reward falls linearly to -1 over the last N tokens before rollout.max_tokens; 0 turns it off.")
 
 
 @dataclass
@@ -133,6 +135,7 @@ class GRPOConfig:
     micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
     max_grad_norm: float = knob(1.0, "Gradient norm clip.")
     max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")
+    overlong_filter: bool = knob(False, "DAPO's overlong filter: completions cut off by rollout.max_tokens carry no loss (they still count in their group's advantages).")
 
 
 @dataclass
@@ -203,7 +206,7 @@ _frac = (lambda v: 0 < v <= 1, "in (0, 1]")
 _diff = (lambda v: 1 <= v <= 10, "in 1-10")
 RULES = {
     "model.lora.rank": _pos, "model.lora.alpha": _pos, "model.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "reward.format_bonus": _nonneg,
+    "reward.format_bonus": _nonneg, "reward.overlong_buffer": _nonneg,
     "data.train_size": _pos, "data.eval_size": _pos,
     "sft.steps": _nonneg, "sft.batch_size": _pos, "sft.lr": _pos, "sft.warmup_steps": _nonneg,
     "rollout.temperature": _nonneg, "rollout.top_p": _frac, "rollout.max_tokens": _pos,
@@ -213,6 +216,7 @@ RULES = {
     "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
     "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
+    "run.seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32): torch's and the samplers' seeds are derived from it"),
     "run.chunk_updates": _pos, "run.nproc_per_node": _pos, "run.nnodes": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
     "stage.difficulty": _diff, "stage.updates": _pos, "stage.window": _pos, "stage.max_difficulty": _diff,
 }
@@ -412,9 +416,16 @@ def validate(cfg: Config) -> None:
                           "SFT would end before its learning rate reached sft.lr")
     if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":
         raise ConfigError(f"rollout.hf_compile=true needs rollout.hf_cache=static, got {cfg.rollout.hf_cache!r}")
+    cores = os.cpu_count() or 1
+    if cfg.run.nproc_per_node > cores:
+        raise ConfigError(f"run.nproc_per_node={cfg.run.nproc_per_node} is more processes than this machine's "
+                          f"{cores} cores (one process per GPU, or per core on a CPU)")
     if cfg.run.nnodes > 1 and not RDZV_ENDPOINT.fullmatch(cfg.run.rdzv_endpoint or ""):
         raise ConfigError(f"run.nnodes={cfg.run.nnodes} needs run.rdzv_endpoint=host:port (this machine, reachable "
                           f"from the others), got {cfg.run.rdzv_endpoint!r}")
+    if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
+        raise ConfigError(f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be <= rollout.max_tokens="
+                          f"{cfg.rollout.max_tokens}: the penalty's ramp ends at max_tokens")
     if cfg.eval.size > cfg.data.eval_size:
         raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
 

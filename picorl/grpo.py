@@ -59,6 +59,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     return centred.view(-1), zero_var
 
 
+def overlong_penalty(length: int, max_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong penalty (Yu et al. 2025, section 3.4), added to the reward.
+
+    0 up to max_tokens - buffer tokens, then falling linearly to -1 at max_tokens, where the
+    engine cuts a completion off. With max_tokens 96 and buffer 16:
+        length <= 80 -> 0;  88 -> -0.5;  96 (truncated) -> -1.
+    A chain that loops until it is cut off then scores below a wrong answer that closes, and
+    the push-down falls on the looping tokens. buffer 0 turns it off.
+    """
+    if buffer <= 0:
+        return 0.0
+    if buffer > max_tokens:
+        raise ValueError(f"overlong buffer {buffer} is longer than max_tokens {max_tokens}")
+    over = length - (max_tokens - buffer)
+    return -min(max(over, 0), buffer) / buffer
+
+
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits go to float32 for the log-softmax over the vocabulary; float64 stays float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

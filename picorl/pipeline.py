@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from picorl import checkpoint, data
 from picorl.config import Config, dump_yaml, load_config
 from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
-from picorl.evaluate import evaluate_sets
+from picorl.evaluate import evaluate_sets, paired_change
 from picorl.faults import fault_point
 from picorl.files import atomic_write_text
 from picorl.machine import machine_name
@@ -63,6 +64,23 @@ def eval_rows(run_dir) -> list[dict]:
     return [eval_row(json.loads(p.read_text())) for p in RunFolder(run_dir).eval_files().values()]
 
 
+def grpo_gains(run_dir) -> dict[str, dict]:
+    """Per eval difficulty: the final eval against the one after SFT on the same held-out
+    items (exact before and after, items gained and lost, the sign test's p); {} before a
+    second eval exists."""
+    files = RunFolder(run_dir).eval_files()
+    if len(files) < 2:
+        return {}
+    first, last = (json.loads(files[s].read_text()) for s in (min(files), max(files)))
+    out = {}
+    for d in first["by_difficulty"]:
+        before = [i for i in first["items"] if str(i["difficulty"]) == d]
+        after = [i for i in last["items"] if str(i["difficulty"]) == d]
+        if before and len(before) == len(after):
+            out[d] = {**paired_change(before, after), "from_step": min(files), "to_step": max(files)}
+    return out
+
+
 def eval_row(result: dict) -> dict:
     m = {}
     for d, s in result["by_difficulty"].items():
@@ -83,15 +101,39 @@ def timed(run_dir, task: str, **fields):
         row = {"task": task, **fields, "seconds": round(time.perf_counter() - t0, 2), "ok": ok,
                "machine": machine_name()}
         if rank_and_world()[0] == 0:  # data parallel: one row per step, not one per rank
-            with open(RunFolder(run_dir).timings, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(RunFolder(run_dir).timings, json.dumps(row))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a last line torn by a crash mid-append is closed first, so the new
+    row starts a line of its own instead of being glued onto the torn one and lost with it."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
 
 
 def read_timings(run_dir) -> list[dict]:
+    """Every row of timings.jsonl; a torn line (a crash mid-append) is skipped with a warning
+    that names the file and line, since the rows around it are intact."""
     path = RunFolder(run_dir).timings
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for n, x in enumerate(path.read_text().splitlines(), start=1):
+        if not x.strip():
+            continue
+        try:
+            row = json.loads(x)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            print(f"warning: {path}:{n} is not a JSON row (torn by a crash?); skipped", file=sys.stderr)
+    return rows
 
 
 # ---------------------------------------------------------------- data

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from picorl.config import Config
 
-CURVES = [("train/reward_mean", "reward (mean)"), ("train/frac_correct", "fraction correct"),
-          (None, "greedy eval accuracy"), ("train/loss", "loss"), ("train/grad_norm", "grad norm"),
-          ("train/completion_len", "completion length (tokens)")]
+CURVES = [("train/reward_mean", "reward (mean)"), ("train/frac_correct", "fraction correct (sampled)"),
+          (None, "greedy eval accuracy"), ("train/frac_truncated", "fraction truncated (hit max_tokens)"),
+          ("train/frac_formatted", "fraction formatted"), ("train/completion_len", "completion length (tokens)"),
+          ("train/loss", "loss"), ("train/grad_norm", "grad norm")]
 
 
 def _series(rows, kind, key):
@@ -20,6 +21,11 @@ def _series(rows, kind, key):
 
 def _pct(x):
     return f"{100 * x:.1f}%"
+
+
+def _opt_pct(x):
+    """A fraction as a percentage, or '-' for a run recorded before the metric existed."""
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def observations(evals: list[dict]) -> list[str]:
@@ -43,15 +49,24 @@ def observations(evals: list[dict]) -> list[str]:
     return out
 
 
+def gain_line(d: str, g: dict) -> str:
+    """One line of what GRPO changed at a difficulty, e.g. `d3 exact after SFT 31.2% -> after
+    GRPO 44.5% on 256 held-out items (gained 41, lost 7; sign test p = 6e-07)`."""
+    return (f"d{d} exact after SFT {_pct(g['before'])} -> after GRPO {_pct(g['after'])} on {g['n']} held-out items "
+            f"(gained {g['gained']}, lost {g['lost']}; sign test p = {g['p_value']:.2g})")
+
+
 def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title: str | None = None,
-                  curves_name: str = "curves.png", extra: str = "") -> str:
+                  curves_name: str = "curves.png", extra: str = "", gains: dict | None = None) -> str:
     g, m = cfg.grpo, cfg.model
     lines = [f"# {title or cfg.run.name}: training report", "", "## Config", "",
              "| setting | value |", "|---|---|",
              f"| model | {m.name} |",
              "| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
              f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}, lr {g.lr}) |",
-             f"| reward | {cfg.reward.kind}" + (f" + format bonus {cfg.reward.format_bonus}" if cfg.reward.format_bonus else "") + " |",
+             f"| reward | {cfg.reward.kind}" + (f" + format bonus {cfg.reward.format_bonus}" if cfg.reward.format_bonus else "")
+             + (f", overlong penalty over the last {cfg.reward.overlong_buffer} tokens" if cfg.reward.overlong_buffer else "")
+             + (", truncated completions filtered" if g.overlong_filter else "") + " |",
              f"| rollouts | {cfg.rollout.engine}, temperature {cfg.rollout.temperature}, max_tokens {cfg.rollout.max_tokens} |",
              "| SFT | " + (f"{cfg.sft.style}, {cfg.sft.steps} steps x {cfg.sft.batch_size}, lr {cfg.sft.lr}" if cfg.sft.enabled else "off") + " |",
              "| stages | " + ", ".join(
@@ -71,15 +86,17 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
     lines.append("")
 
     if train:
-        lines += ["## Reward trajectory", "", "| update | difficulty | reward mean | fraction correct | zero-var groups | completion len |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Reward trajectory", "",
+                  "| update | difficulty | reward mean | fraction correct | zero-var groups | completion len "
+                  "| truncated | formatted |", "|---|---|---|---|---|---|---|---|"]
         stride = max(1, len(train) // 12)
         picked = train[::stride] + ([train[-1]] if (len(train) - 1) % stride else [])
         for r in picked:
             mm = r["metrics"]
             lines.append(f"| {r['step']} | d{int(mm.get('train/difficulty', 0))} | {mm['train/reward_mean']:.3f} | "
                          f"{mm['train/frac_correct']:.3f} | {mm['train/frac_zero_var_groups']:.2f} | "
-                         f"{mm['train/completion_len']:.0f} |")
+                         f"{mm['train/completion_len']:.0f} | {_opt_pct(mm.get('train/frac_truncated'))} | "
+                         f"{_opt_pct(mm.get('train/frac_formatted'))} |")
         lines.append("")
 
     if evals:
@@ -95,6 +112,9 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
                 cells.append(f"**{cell}**" if v is not None and v == best[k] else cell)
             lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
         lines += ["", "## Observations", ""] + [f"- {o}" for o in observations(evals)] + [""]
+    if gains:
+        lines += ["## What GRPO changed (same held-out items, first eval against the last)", ""]
+        lines += [f"- {gain_line(d, g)}" for d, g in gains.items()] + [""]
     if extra:
         lines += [extra, ""]
     lines += [f"![curves]({curves_name})", ""]
@@ -106,7 +126,7 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for ax, (key, title) in zip(axes.flat, CURVES):
         if key is None:
             keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")},
@@ -137,12 +157,14 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
     return path
 
 
-def write_report(cfg: Config, history: list[dict], evals: list[dict], run_dir) -> tuple[Path, Path]:
+def write_report(cfg: Config, history: list[dict], evals: list[dict], run_dir,
+                 gains: dict | None = None) -> tuple[Path, Path]:
     """report.md and curves.png in a run folder."""
     from picorl.files import atomic_write_text
     from picorl.run_folder import RunFolder
 
     run = RunFolder(run_dir)
     curves = plot_curves(history, evals, run.curves)
-    report = atomic_write_text(run.report, render_report(cfg, history, evals, curves_name=run.curves.name))
+    report = atomic_write_text(run.report, render_report(cfg, history, evals, curves_name=run.curves.name,
+                                                                gains=gains))
     return report, curves

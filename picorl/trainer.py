@@ -14,7 +14,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -23,19 +23,49 @@ from picorl.data import messages_of
 from picorl.distributed import all_sum, gather, rank_and_world, sum_gradients
 from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
 from picorl.faults import fault_point
-from picorl.grpo import ALGORITHMS, group_advantages, kl_penalty, policy_loss, shared_prefix_logprobs, token_logprobs
+from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, overlong_penalty, policy_loss,
+                         shared_prefix_logprobs, token_logprobs)
 from picorl.rollout import Completion, Sampling
 
-RewardFn = Callable[[Completion, dict], tuple[float, bool]]
+# (reward, fully correct, formatted) of one completion on its record.
+RewardFn = Callable[[Completion, dict], tuple[float, bool, bool]]
+
+
+class Scored(NamedTuple):
+    """One completion as the update sees it: its reward (overlong penalty included) and what
+    the diagnostics need, so a loop taking over shows in the metrics before the eval."""
+    reward: float
+    correct: bool
+    formatted: bool
+    length: int      # generated tokens
+    truncated: bool  # stopped by max_tokens, not by its own end
 
 
 def letter_reward(kind: str, format_bonus: float) -> RewardFn:
-    """(reward, fully correct) of a completion on a letter-counting record, parsed once."""
-    def reward(c: Completion, r: dict) -> tuple[float, bool]:
+    """(reward, fully correct, formatted) of a completion on a letter-counting record, parsed once."""
+    def reward(c: Completion, r: dict) -> tuple[float, bool, bool]:
         parsed = parse_answer(c.text, r["letters"])
         return (reward_of(parsed, r["answer"], kind=kind, format_bonus=format_bonus),
-                fraction_right(parsed, r["answer"]) == 1.0)
+                fraction_right(parsed, r["answer"]) == 1.0, parsed.formatted)
     return reward
+
+
+def rollout_diagnostics(scored: list[Scored]) -> dict:
+    """Fractions truncated and formatted, and mean lengths of right and of wrong completions.
+
+    Worked example: lengths [20, 96, 96, 30], right [T, F, F, F], max_tokens 96 (two hit it):
+    frac_truncated 0.5, len_right 20, len_wrong 74; a chain that loops until max_tokens drags
+    len_wrong towards max_tokens and frac_truncated up while the greedy eval has not moved yet.
+    A mean over no completion (no right answer in the batch) is left out, not reported as 0.
+    """
+    n = max(len(scored), 1)
+    out = {"frac_truncated": sum(s.truncated for s in scored) / n,
+           "frac_formatted": sum(s.formatted for s in scored) / n}
+    for name, want in (("len_right", True), ("len_wrong", False)):
+        lengths = [s.length for s in scored if s.correct == want]
+        if lengths:
+            out[name] = sum(lengths) / len(lengths)
+    return out
 
 
 @dataclass
@@ -85,8 +115,15 @@ class GRPOTrainer:
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
         groups = self.engine.generate([messages_of(x) for x in records], self.cfg.grpo.group_size, sampling)
         t0 = time.perf_counter()
-        scored = [[self.reward_fn(c, rec) for c in grp] for grp, rec in zip(groups, records)]
+        scored = [[self.score(c, rec) for c in grp] for grp, rec in zip(groups, records)]
         return groups, scored, time.perf_counter() - t0
+
+    def score(self, c: Completion, record: dict) -> Scored:
+        """The reward function's verdict, plus DAPO's soft overlong penalty when reward.overlong_buffer > 0."""
+        reward, correct, formatted = self.reward_fn(c, record)
+        n = len(c.token_ids)
+        reward += overlong_penalty(n, self.cfg.rollout.max_tokens, self.cfg.reward.overlong_buffer)
+        return Scored(float(reward), bool(correct), bool(formatted), n, not c.finished)
 
     def collect(self, records: list[dict]) -> Rollouts:
         """Sample tasks and roll them out; with dynamic sampling, refill zero-variance groups."""
@@ -130,12 +167,13 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         got = self.collect(records)
         groups, scored, first_round, rollout_s, stats = got.groups, got.scored, got.first_round, got.rollout_s, got.stats
-        rewards_first = torch.tensor([r for r, _ in first_round], dtype=torch.float)
+        rewards_first = torch.tensor([s.reward for s in first_round], dtype=torch.float)
         _, zero_var_first = group_advantages(rewards_first, g.group_size, scale="none")
         metrics = {
             "reward_mean": rewards_first.mean().item(),
             "reward_std": rewards_first.std().item() if rewards_first.numel() > 1 else 0.0,
-            "frac_correct": sum(c for _, c in first_round) / len(first_round),
+            "frac_correct": sum(s.correct for s in first_round) / len(first_round),
+            **rollout_diagnostics(first_round),
             "reward_std_in_group": rewards_first.view(-1, g.group_size).std(dim=1).mean().item(),
             "frac_zero_var_groups": zero_var_first.float().mean().item(),
             "completion_len": _tokens(groups) / max(1, sum(len(grp) for grp in groups)),
@@ -144,20 +182,24 @@ class GRPOTrainer:
             **stats,
         }
         # Per-task fraction correct over the first round, for the curriculum's rolling window.
-        metrics["task_correct"] = [sum(c for _, c in first_round[i:i + g.group_size]) / g.group_size
+        metrics["task_correct"] = [sum(s.correct for s in first_round[i:i + g.group_size]) / g.group_size
                                    for i in range(0, len(first_round), g.group_size)]
         if all_sum([len(groups)])[0] == 0:  # on no rank: every rank skips alike
             return self._finish(metrics, t_start, loss=0.0, kl=0.0, grad_norm=0.0, skipped=True,
                                 reason="no group with reward variance")
-        rewards = torch.tensor([r for s in scored for r, _ in s], dtype=torch.float)
+        rewards = torch.tensor([x.reward for s in scored for x in s], dtype=torch.float)
         adv, _ = group_advantages(rewards, g.group_size, scale=self.algo["scale"])
         completions = [c for grp in groups for c in grp]
         group_of = [i for i, grp in enumerate(groups) for _ in grp]
+        # DAPO's overlong filter: a truncated completion keeps its place in its group's
+        # advantages but carries no loss, so a chain cut off mid-way is neither pushed up nor down.
+        carries_loss = [not (g.overlong_filter and x.truncated) for s in scored for x in s]
+        metrics["frac_filtered"] = carries_loss.count(False) / max(len(carries_loss), 1)
         # Gradients accumulate across micro-batches, so they must start from nothing: stale
         # ones (from SFT, or an update interrupted mid-backward) would leak into this step.
         self.optimizer.zero_grad(set_to_none=True)
         t_loss = time.perf_counter()
-        loss_val, kl_val, clip = self._optimise(completions, group_of, adv)
+        loss_val, kl_val, clip = self._optimise(completions, group_of, adv, carries_loss)
         sum_gradients(self.params)  # data parallel: the whole batch's gradient on every rank
         t_opt = time.perf_counter()
         metrics["loss_backward_s"] = t_opt - t_loss
@@ -198,16 +240,19 @@ class GRPOTrainer:
         masks = [[0] * len(completions[i].prompt_ids) + [1] * len(completions[i].token_ids) for i in part]
         return token_logprobs(model, *pad_batch(seqs, masks, pad, self.device))
 
-    def _optimise(self, completions, group_of, adv):
-        """Loss and gradients over micro-batches, weighted so they sum to the full batch's loss."""
+    def _optimise(self, completions, group_of, adv, carries_loss=None):
+        """Loss and gradients over micro-batches, weighted so they sum to the full batch's loss.
+
+        carries_loss[i] False (the overlong filter) leaves completion i out of the loss and of
+        the batch it is averaged over, as if it had not been sampled."""
         g = self.cfg.grpo
         agg, mb = self.algo["agg"], g.micro_batch_size
         max_len = self.cfg.rollout.max_tokens
-        n = len(completions)
+        kept = [i for i in range(len(completions)) if carries_loss is None or carries_loss[i]]
         # Weights are shares of the whole batch, over every rank (picorl/distributed.py).
-        n_all, total_tokens = (int(x) for x in all_sum([n, sum(len(c.token_ids) for c in completions)]))
+        n_all, total_tokens = (int(x) for x in all_sum([len(kept), sum(len(completions[i].token_ids) for i in kept)]))
         # Zero-advantage sequences add nothing to the policy loss; without a KL term, skip their forward.
-        idx = [i for i in range(n) if g.kl_coef > 0 or adv[i] != 0]
+        idx = [i for i in kept if g.kl_coef > 0 or adv[i] != 0]
         parts = [idx[s:s + mb] for s in range(0, len(idx), mb)]
         old = {}
         if g.epochs > 1:  # the ratio needs the pre-update policy's log-probs, frozen

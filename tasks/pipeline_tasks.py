@@ -130,7 +130,8 @@ def write_report(run: dict) -> dict:
     cfg = run_config(run)
     history = pipeline.read_history(run["run_dir"])
     evals = pipeline.eval_rows(run["run_dir"])
-    md, png = report.write_report(cfg, history, evals, run["run_dir"])
+    gains = pipeline.grpo_gains(run["run_dir"])
+    md, png = report.write_report(cfg, history, evals, run["run_dir"], gains=gains)
     deliver(run, cfg, wait=True)  # the run is not done until MLflow has all of it
     c = tracking.client()
     c.log_artifact(run["parent_run_id"], str(md))
@@ -138,4 +139,4 @@ def write_report(run: dict) -> dict:
     timings = RunFolder(run["run_dir"]).timings
     if timings.is_file():
         c.log_artifact(run["parent_run_id"], str(timings))
-    return {"report": str(md), "curves": str(png)}
+    return {"report": str(md), "curves": str(png), "gains": [report.gain_line(d, g) for d, g in gains.items()]}

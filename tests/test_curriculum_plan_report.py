@@ -103,3 +103,32 @@ def test_plateau_is_called_out():
     evals = [{"kind": "eval", "step": s, "metrics": {"eval/acc_d6": a}} for s, a in
              [(0, 0.1), (10, 0.5), (20, 0.55), (30, 0.53), (40, 0.56)]]
     assert "plateau over the last 3 evals (53.0%-56.0%)" in observations(evals)[0]
+
+
+def test_report_shows_truncation_and_what_grpo_changed(tmp_path):
+    """The reward table carries the loop diagnostics ('-' for rows recorded before them), and the
+    gains section states the paired comparison of the first and last eval."""
+    import json
+
+    from picorl.pipeline import grpo_gains
+    from picorl.report import gain_line
+    from picorl.run_folder import RunFolder
+    cfg = load_config(None)
+    history, evals = _rows()
+    history[-1]["metrics"].update({"train/frac_truncated": 0.25, "train/frac_formatted": 0.875})
+    run = RunFolder(tmp_path)
+    items = [{"difficulty": 3, "string": w, "letters": ["a"], "exact": e} for w, e in
+             [("ab", 0.0), ("ba", 0.0), ("aa", 1.0), ("bb", 0.0)]]
+    later = [{**i, "exact": e} for i, e in zip(items, [1.0, 1.0, 0.0, 0.0])]
+    run.eval_file(0).parent.mkdir(parents=True)
+    for step, its in ((0, items), (4, later)):
+        run.eval_file(step).write_text(json.dumps({"step": step, "by_difficulty": {"3": {"exact": 0}}, "items": its}))
+    gains = grpo_gains(tmp_path)
+    assert gains["3"]["gained"] == 2 and gains["3"]["lost"] == 1 and gains["3"]["n"] == 4
+    assert (gains["3"]["before"], gains["3"]["after"]) == (0.25, 0.5)
+    md = render_report(cfg, history, evals, gains=gains)
+    assert "| 4 | d1 | 1.000 | 1.000 | 0.00 | 50 | 25% | 88% |" in md
+    assert "| 1 | d1 | 0.250 | 0.250 | 0.00 | 50 | - | - |" in md
+    assert ("d3 exact after SFT 25.0% -> after GRPO 50.0% on 4 held-out items (gained 2, lost 1; sign test p = 1)"
+            == gain_line("3", gains["3"]))
+    assert gain_line("3", gains["3"]) in md

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from picorl.grpo import STD_EPS, aggregate, group_advantages, kl_penalty, policy_loss
+from picorl.grpo import STD_EPS, aggregate, group_advantages, kl_penalty, overlong_penalty, policy_loss
 
 
 def test_group_advantages_group_scale_and_zero_variance():
@@ -105,3 +105,17 @@ def test_left_padding_right_aligns_rows_and_positions_count_real_tokens():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert positions(attn).tolist() == [[0, 1, 2], [0, 0, 0]]
     assert left_pad([[1], []], -100).tolist() == [[1], [-100]]
+
+
+def test_overlong_penalty_at_the_edges_of_its_buffer():
+    # max_tokens 96, buffer 16: nothing up to 80 tokens, then -1/16 a token down to -1 at 96.
+    assert overlong_penalty(1, 96, 16) == 0.0
+    assert overlong_penalty(80, 96, 16) == 0.0
+    assert overlong_penalty(81, 96, 16) == pytest.approx(-1 / 16)
+    assert overlong_penalty(88, 96, 16) == pytest.approx(-0.5)
+    assert overlong_penalty(96, 96, 16) == -1.0
+    assert overlong_penalty(500, 96, 16) == -1.0  # never below -1, whatever an engine returns
+    assert overlong_penalty(96, 96, 0) == 0.0  # buffer 0: off
+    assert overlong_penalty(96, 96, 96) == -1.0 and overlong_penalty(0, 96, 96) == 0.0
+    with pytest.raises(ValueError, match="longer than max_tokens"):
+        overlong_penalty(10, 96, 97)

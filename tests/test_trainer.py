@@ -10,7 +10,7 @@ from picorl.config import load_config
 from picorl.data import messages_of
 from picorl.models import add_lora, tiny_llama
 from picorl.rollout.hf import HFEngine
-from picorl.trainer import GRPOTrainer
+from picorl.trainer import GRPOTrainer, Scored, rollout_diagnostics
 
 RECORDS = data.train_records(1, 1, seed=0)
 
@@ -31,7 +31,7 @@ def make(tokenizer, *overrides, lora=True, seed=0, records=RECORDS):
 
     def reward(c, record):
         ok = bool(c.token_ids) and c.token_ids[0] in favourites[record["string"]]
-        return float(ok), ok
+        return float(ok), ok, True
     if lora:
         model = add_lora(model, rank=8, alpha=16)
     engine = HFEngine(model, tokenizer, progress=False)
@@ -82,7 +82,7 @@ def test_micro_batches_and_shared_prefixes_give_the_full_batch_gradient(tokenize
                               "grpo.max_resample_rounds=0", f"grpo.shared_prefix={shared}")
             got = trainer.collect(RECORDS)
             groups, scored = got.groups, got.scored
-            rewards = torch.tensor([r for s in scored for r, _ in s])
+            rewards = torch.tensor([x.reward for s in scored for x in s])
             adv, _ = group_advantages(rewards, 8, scale=trainer.algo["scale"])
             completions = [c for g in groups for c in g]
             group_of = [i for i, g in enumerate(groups) for _ in g]
@@ -110,7 +110,7 @@ def test_dynamic_sampling_drops_zero_variance_groups(tokenizer):
     def first_task_always_right(c, record):
         calls["n"] += 1
         r = 1.0 if record["string"] == RECORDS[0]["string"] else float(c.token_ids[0] % 2 == 0)
-        return r, r == 1.0
+        return r, r == 1.0, True
     trainer, _ = make(tokenizer, "grpo.algorithm=dapo")
     trainer.reward_fn = first_task_always_right
     m = trainer.update([RECORDS[0]])  # every group has zero variance: nothing to learn
@@ -189,7 +189,7 @@ def test_stale_gradients_never_leak_into_an_update(tokenizer):
     trainer, _ = make(tokenizer)
     for p in trainer.params:  # e.g. left over from SFT's last backward
         p.grad = torch.ones_like(p)
-    trainer.reward_fn = lambda c, r: (0.0, False)  # every group zero-variance: no policy gradient
+    trainer.reward_fn = lambda c, r: (0.0, False, True)  # every group zero-variance: no policy gradient
     before = [p.detach().clone() for p in trainer.params]
     m = trainer.update(RECORDS)
     assert m["grad_norm"] == 0.0
@@ -246,3 +246,56 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_full_sequences(tokenizer
     for a, b in zip(g_shared, g_full):  # equal up to float64 summation order
         assert (a - b).norm() <= 1e-9 * b.norm() + 1e-12
     assert any(a.abs().sum() > 0 for a in g_shared)
+
+
+def test_rollout_diagnostics_on_a_hand_made_rollout():
+    scored = [Scored(1.0, True, True, 20, False), Scored(0.0, False, True, 30, False),
+              Scored(0.0, False, False, 96, True), Scored(0.0, False, False, 96, True)]
+    d = rollout_diagnostics(scored)
+    assert d == {"frac_truncated": 0.5, "frac_formatted": 0.5, "len_right": 20.0, "len_wrong": 74.0}
+    # No right answer: its mean length is left out rather than reported as 0.
+    assert "len_right" not in rollout_diagnostics(scored[1:])
+
+
+def test_overlong_filter_gives_a_truncated_completion_no_loss_and_no_gradient(tokenizer):
+    """A filtered completion's loss and gradient are those of the batch without it; all filtered: zero."""
+    from picorl.rollout import Completion
+    model = add_lora(float64_norms(tiny_llama(len(tokenizer), initializer_range=0.3)), rank=4, alpha=8).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    prompt = [5, 6, 7, 8]
+    comps = [Completion("", [20, 21, 22], prompt), Completion("", [23, 24], prompt),
+             Completion("", [25, 26, 27, 28], prompt, finished=False), Completion("", [29], prompt)]
+    adv = torch.tensor([1.0, -0.5, -1.0, 0.5], dtype=torch.float64)
+    for algorithm in ("grpo", "dapo", "dr_grpo"):
+        cfg = load_config(None, [f"grpo.algorithm={algorithm}", "rollout.max_tokens=4", "grpo.micro_batch_size=2"])
+        trainer = GRPOTrainer(model, tokenizer, None, cfg)
+
+        def run(completions, a, keep=None):
+            model.zero_grad(set_to_none=True)
+            loss, _, _ = trainer._optimise(completions, [0] * len(completions), a, keep)
+            return loss, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.params]
+
+        loss_f, grads_f = run(comps, adv, [True, True, False, True])
+        loss_w, grads_w = run([comps[i] for i in (0, 1, 3)], adv[[0, 1, 3]])
+        assert loss_f == pytest.approx(loss_w, rel=1e-12, abs=1e-15), algorithm
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(grads_f, grads_w)), algorithm
+        loss_0, grads_0 = run(comps, adv, [False] * 4)
+        assert loss_0 == 0.0 and all(bool((g == 0).all()) for g in grads_0), algorithm
+
+
+def test_overlong_filter_and_penalty_reach_the_update(tokenizer):
+    """At max_tokens=3 a random model rarely stops by itself: the filter drops exactly the
+    truncated completions, and the penalty (buffer 3) takes -1/3 a token off each reward."""
+    trainer, _ = make(tokenizer, "grpo.overlong_filter=true")
+    m = trainer.update(RECORDS)
+    assert m["frac_truncated"] > 0 and m["frac_filtered"] == pytest.approx(m["frac_truncated"])
+    trainer, _ = make(tokenizer, "reward.overlong_buffer=3")
+    got = trainer.collect(RECORDS)
+    for grp, s in zip(got.groups, got.scored):
+        for c, x in zip(grp, s):
+            assert x.truncated == (not c.finished)
+            assert x.length == len(c.token_ids)
+            assert x.reward == pytest.approx((1.0 if x.correct else 0.0) - len(c.token_ids) / 3)

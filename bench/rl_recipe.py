@@ -1,0 +1,233 @@
+"""Which GRPO recipe makes the model better? Arms from one SFT start, compared item by item.
+
+    python -m bench.rl_recipe --config configs/default.yaml --arms binary partial overlong_filter
+    python -m bench.rl_recipe --config configs/default.yaml --arms more_sft      # GRPO's minutes spent on SFT
+
+One SFT (the config's, from its seeded adapter) is the start of every arm. Each GRPO arm
+restores that adapter, takes a fresh optimizer and runs the config's stages with its own
+overrides (`ARMS`); `more_sft` spends the median GRPO arm's seconds on more SFT steps of
+the same run instead (same optimizer, batches drawn as the longer SFT would draw them), the
+honest reference for whether RL is the better use of the time.
+
+Every arm is measured on the same held-out items as its start: greedy exact (the eval
+the pipeline reports), and sampled accuracy and pass@k at the rollout temperature, since
+RL first sharpens the samples towards the greedy answer and the greedy eval moves only
+where samples beat it. The items gained and lost against the start and the sign test's p
+say whether a change is more than the 128-item noise. Per-update diagnostics (truncated,
+formatted, lengths of right and wrong completions) are kept per arm.
+
+The result, bench/results/rl_recipe-<machine>-<config>.json, is written after every arm,
+so an interrupted run keeps what it finished; rerunning redoes only the arms asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
+from picorl import data
+from picorl.config import ConfigError, load_config, to_dict
+from picorl.curriculum import Curriculum
+from picorl.data import messages_of
+from picorl.envs.letter_counting import grade
+from picorl.files import atomic_write_text
+from picorl.evaluate import evaluate_records, paired_change
+from picorl.models import load_for_config
+from picorl.pipeline import engine_for_config, eval_engine
+from picorl.rollout import Sampling
+from picorl.sft import train_sft
+from picorl.trainer import GRPOTrainer
+
+# arm -> (what it changes, --set overrides over the base config)
+ARMS = {
+    "binary": ("the base config's reward", ["reward.kind=binary"]),
+    "partial": ("reward partial (0 / 0.1 + 0.9 x fraction right): the control", ["reward.kind=partial"]),
+    "format_bonus": ("binary + 0.1 for a formatted answer: formatted wrong beats unformatted",
+                     ["reward.kind=binary", "reward.format_bonus=0.1"]),
+    "overlong_filter": ("binary, truncated completions carry no loss", ["reward.kind=binary", "grpo.overlong_filter=true"]),
+    "overlong_penalty": ("binary, soft overlong penalty over the last 32 tokens",
+                         ["reward.kind=binary", "reward.overlong_buffer=32"]),
+    "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
+}
+
+
+def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_tokens: int, seed: int) -> dict:
+    """Mean fraction of k samples exactly right (sampled accuracy) and pass@k, per item and overall."""
+    groups = engine.generate([messages_of(r) for r in records], k,
+                             Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed))
+    per_item = [[grade(c.text, r["letters"], r["answer"])["exact"] for c in grp] for r, grp in zip(records, groups)]
+    n = len(records)
+    return {"k": k, "temperature": temperature, "sampled_exact": sum(sum(x) / k for x in per_item) / n,
+            "pass_at_k": sum(max(x) for x in per_item) / n, "per_item": [sum(x) for x in per_item]}
+
+
+def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
+    """Greedy items (exact per item, completion) and the sampled figures on the eval records."""
+    greedy_engine = eval_engine(cfg, model, tok, progress=False)
+    summary, items = evaluate_records(model, tok, records, max_tokens=cfg.eval.max_tokens, engine=greedy_engine)
+    out = {"greedy": summary, "items": [{k_: i[k_] for k_ in ("string", "letters", "exact", "formatted", "completion")}
+                                        for i in items]}
+    if k > 1:
+        out["sampled"] = sampled_eval(engine_for_config(cfg, model, tok, progress=False), records, k,
+                                      cfg.rollout.temperature, cfg.eval.max_tokens, seed)
+    return out
+
+
+def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[dict], float]:
+    """cfg's stages from the model as it is (a fresh optimizer); per-update metrics and seconds."""
+    engine = engine_for_config(cfg, model, tok, progress=False)
+    engine.sync_weights(model)
+    trainer = GRPOTrainer(model, tok, engine, cfg)
+    rows, t0 = [], time.perf_counter()
+    for stage in cfg.stages:
+        curriculum = Curriculum.for_stage(stage)
+        for _ in range(stage.updates):
+            d = curriculum.difficulty
+            m = trainer.update(train_sets[d])
+            curriculum.observe(m["task_correct"])
+            row = {k: round(v, 4) for k, v in m.items() if isinstance(v, (int, float))}
+            row["difficulty"] = d
+            rows.append(row)
+            print(f"  update {trainer.step}: d{d} reward {m['reward_mean']:.3f} correct {m['frac_correct']:.3f} "
+                  f"zero-var {m['frac_zero_var_groups']:.2f} truncated {m['frac_truncated']:.2f} "
+                  f"formatted {m['frac_formatted']:.2f} len {m['completion_len']:.0f} ({m['update_s']:.1f} s)", flush=True)
+    return rows, time.perf_counter() - t0
+
+
+def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict]) -> dict:
+    out = {"change": change, "sets": sets, "seconds": round(seconds, 1),
+           "greedy": paired_change(start["items"], end["items"]), "end": end, "updates": updates}
+    if "sampled" in start:
+        out["sampled"] = {"before": start["sampled"]["sampled_exact"], "after": end["sampled"]["sampled_exact"],
+                          "pass_before": start["sampled"]["pass_at_k"], "pass_after": end["sampled"]["pass_at_k"]}
+    return out
+
+
+def line(name: str, r: dict) -> str:
+    g = r["greedy"]
+    s = r.get("sampled")
+    sampled = (f"; sampled {s['before']:.1%} -> {s['after']:.1%}, pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}"
+               if s else "")
+    return (f"{name}: greedy {g['before']:.1%} -> {g['after']:.1%} on {g['n']} items (gained {g['gained']}, "
+            f"lost {g['lost']}, p={g['p_value']:.2g}){sampled}; {r['seconds']:.0f} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml", help="the base config: SFT, stages, rollouts")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
+    ap.add_argument("--eval-difficulty", type=int, default=3)
+    ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--k", type=int, default=4, help="samples per item for sampled accuracy and pass@k; 1 skips them")
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--start-dir", default="outputs/rl_recipe", help="where the SFT start is kept between runs")
+    args = ap.parse_args()
+    try:
+        base = load_config(args.config, args.set)
+        arm_cfgs = {a: load_config(args.config, args.set + ARMS[a][1]) for a in args.arms}
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    eval_set = data.eval_records(args.eval_difficulty, args.eval_size)
+    train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed) for d in range(1, 11)
+                  if any(d in Curriculum.for_stage(s).reachable() for s in base.stages)}
+    out = {"machine": machine(), "config": args.config, "sets": args.set, "eval": {
+        "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
+    stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}"
+    results_dir = Path(args.results_dir)
+    kept = earlier_rows(results_dir / f"{stem}.json", {**out, "config": {"config": args.config, "sets": args.set}},
+                        set(args.arms))
+    out["config"] = {"config": args.config, "sets": args.set}
+
+    model, tok = load_for_config(base)  # the seeded adapter
+    sft_records = [r for d in base.sft.difficulties for r in data.train_records(d, base.data.train_size, seed=base.data.seed)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    sft_opt = torch.optim.AdamW(params, lr=base.sft.lr, weight_decay=0.0)
+    sft_kw = dict(style=base.sft.style, batch_size=base.sft.batch_size, lr=base.sft.lr, seed=base.run.seed,
+                  group_by_length=base.sft.group_by_length, optimizer=sft_opt, progress=False)
+    # The SFT start is kept on disk, keyed by what it depends on, so arms run in several
+    # processes (or sessions) start from the same weights without paying for SFT again.
+    key = hashlib.sha256(json.dumps([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed,
+                                     to_dict(base.eval), base.rollout.engine, base.rollout.temperature,
+                                     args.eval_difficulty, args.eval_size], sort_keys=True).encode()).hexdigest()[:12]
+    start_dir = Path(args.start_dir) / key
+    if (start_dir / "start.json").is_file():
+        saved = torch.load(start_dir / "weights.pt", weights_only=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved["weights"]:
+                    p.copy_(saved["weights"][n])
+        sft_opt.load_state_dict(saved["optimizer"])
+        start = json.loads((start_dir / "start.json").read_text())
+        sft_s = start["sft_seconds"]
+        print(f"SFT start from {start_dir} ({sft_s:.0f} s when it was made)", flush=True)
+        if args.k == 1:
+            start.pop("sampled", None)  # the arms measure greedy only: compare like with like
+        elif start.get("sampled", {}).get("k") != args.k:
+            start["sampled"] = measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)["sampled"]
+    else:
+        torch.manual_seed(base.run.seed)
+        t0 = time.perf_counter()
+        train_sft(model, tok, sft_records, steps=base.sft.steps, **sft_kw)
+        sft_s = time.perf_counter() - t0
+        print(f"SFT {base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
+        start = {"sft_seconds": round(sft_s, 1), **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)}
+        start_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                    "optimizer": sft_opt.state_dict()}, start_dir / "weights.pt")
+        atomic_write_text(start_dir / "start.json", json.dumps(start))
+    start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    start_opt = copy.deepcopy(sft_opt.state_dict())
+    out["start"] = start
+    print(f"after SFT: greedy {start['greedy']['exact']:.1%}" +
+          (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{args.k} {start['sampled']['pass_at_k']:.1%}"
+           if args.k > 1 else ""), flush=True)
+
+    def restore():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start_weights:
+                    p.copy_(start_weights[n])
+
+    for arm in args.arms:
+        change, sets = ARMS[arm]
+        restore()
+        print(f"\n=== {arm}: {change}", flush=True)
+        torch.manual_seed(base.run.seed)
+        if arm == "more_sft":
+            grpo_s = [r["seconds"] for a, r in kept.items() if a != "more_sft"]
+            if not grpo_s:
+                print("more_sft: run a GRPO arm first (its seconds set the budget)", file=sys.stderr)
+                continue
+            budget = statistics.median(grpo_s)
+            extra = max(1, round(budget / (sft_s / base.sft.steps)))
+            sft_opt.load_state_dict(copy.deepcopy(start_opt))
+            t1 = time.perf_counter()
+            train_sft(model, tok, sft_records, steps=base.sft.steps + extra, start_step=base.sft.steps, **sft_kw)
+            seconds, updates = time.perf_counter() - t1, []
+            change = f"no GRPO: {extra} more SFT steps ({budget:.0f} s, the median GRPO arm's)"
+        else:
+            updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets)
+        end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
+        kept[arm] = arm_result(change, sets, start, end, seconds, updates)
+        out["rows"] = {a: kept[a] for a in ARMS if a in kept}
+        print(line(arm, kept[arm]), flush=True)
+        write_result(stem, out, results_dir)
+    print("")
+    for a, r in out["rows"].items():
+        print(line(a, r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
