@@ -82,6 +82,10 @@ def cmd_eval(args) -> None:
             model = models.load_adapter(model, args.adapter)
     except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         raise UsageError(str(e)) from None
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.max_tokens >= context:
+        raise UsageError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens; it must be below {context}")
     summary, items = evaluate.evaluate_records(model, tok, records, max_tokens=args.max_tokens,
                                                batch_size=args.batch_size)
     try:
@@ -181,7 +185,7 @@ def cmd_train(args) -> None:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     try:
-        models.check_model(cfg.model)  # from the model's config: no weights are loaded
+        models.check_model_for_config(cfg)  # from the model's config: no weights are loaded
         model_problem = None
     except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         model_problem = str(e)

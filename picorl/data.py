@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from picorl.envs.letter_counting import build_messages, check_difficulty, make_task
+from picorl.envs.letter_counting import TIERS, build_messages, check_difficulty, make_task, words_between
 from picorl.files import atomic_folder, atomic_write_text
 
 EVAL_SEED = 1234
@@ -70,10 +70,29 @@ def train_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     return _draw_outside_eval("train", difficulty, n, seed)
 
 
+def fresh_capacity(difficulty: int) -> int | None:
+    """The most distinct fresh strings a word tier can give (its words minus the held-out
+    ones); None for the random-string tiers, whose strings do not run out."""
+    if TIERS[check_difficulty(difficulty)][5]:
+        return None
+    lo, hi = TIERS[difficulty][:2]
+    held_out = {r["string"] for r in eval_records(difficulty, EVAL_POOL)}
+    return len(set(words_between(lo, hi)) - held_out)
+
+
+def check_fresh_size(difficulty: int, n: int) -> None:
+    """Refuse a fresh set larger than its tier can give: drawing distinct strings past the
+    pool's end would never finish."""
+    cap = fresh_capacity(difficulty)
+    if cap is not None and n > cap:
+        raise ValueError(f"d{difficulty} can give at most {cap} fresh items (distinct words of its lengths "
+                         f"outside the held-out set), asked for {n}")
+
+
 def fresh_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     """n tasks the pipeline never generates: their own RNG namespace, distinct strings none of
     which is in the eval set, asked letters drawn uniformly from a-z."""
-    # Tier 1 has a few thousand short words; the 1024 held out leave enough for any fresh set here.
+    check_fresh_size(difficulty, n)
     return _draw_outside_eval("fresh", difficulty, n, seed, distinct=True, uniform_letters=True)
 
 

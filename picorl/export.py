@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from picorl.config import load_config
-from picorl.data import fresh_records, write_jsonl
+from picorl.data import check_fresh_size, fresh_records, write_jsonl
 from picorl.files import atomic_folder
 from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
@@ -89,6 +89,9 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     if missing:
         raise FileNotFoundError(f"missing from the run folder: {', '.join(missing)} (the flow's report step writes "
                                 "report.md and curves.png)")
+    if fresh:  # before anything is copied: a fresh set its tier cannot give is refused, not drawn forever
+        for d in load_config(run.config).eval.difficulties:
+            check_fresh_size(d, fresh)
     with atomic_folder(out) as tmp:
         for p in needed:
             shutil.copy2(p, tmp / p.name)

@@ -242,14 +242,15 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
         raise BadModelError(f"adapter {adapter_dir} does not fit this model: {str(e).splitlines()[0][:300]}") from None
 
 
-def module_names(name: str, trust_remote_code: bool = False) -> set[str]:
-    """Last components of every module name of model `name`, from its config alone (no weights)."""
+def model_shape(name: str, trust_remote_code: bool = False) -> tuple[set[str], int | None]:
+    """(last components of every module name, context length in tokens) of model `name`, from
+    its config alone (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name == TINY:
-        return {n.rsplit(".", 1)[-1] for n, _ in tiny_llama(64, hidden_size=8, intermediate_size=8,
-                                                              num_attention_heads=2, num_key_value_heads=1,
-                                                              num_hidden_layers=1).named_modules()}
+        model = tiny_llama(64, hidden_size=8, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
+                           num_hidden_layers=1)
+        return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}, model.config.max_position_embeddings
     path = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -257,18 +258,35 @@ def module_names(name: str, trust_remote_code: bool = False) -> set[str]:
         raise BadModelError(f"model '{name}': its config.json cannot be read ({str(e).splitlines()[0][:300]})") from None
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    context = getattr(config, "max_position_embeddings", None)
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}, context
 
 
-def check_model(model_cfg) -> None:
-    """Before any work: the device exists, the model resolves, and every LoRA target module exists in it."""
+def module_names(name: str, trust_remote_code: bool = False) -> set[str]:
+    """Last components of every module name of model `name`, from its config alone (no weights)."""
+    return model_shape(name, trust_remote_code)[0]
+
+
+def check_model(model_cfg, new_tokens: dict[str, int] | None = None) -> None:
+    """Before any work: the device exists, the model resolves, every LoRA target module exists
+    in it, and each of `new_tokens` ({config key: most new tokens}) leaves room for a prompt in
+    the model's context: a billion new tokens would otherwise decode until memory runs out."""
     pick_device(model_cfg.device)
-    names = module_names(model_cfg.name, model_cfg.trust_remote_code)
+    names, context = model_shape(model_cfg.name, model_cfg.trust_remote_code)
+    for key, n in (new_tokens or {}).items():
+        if context is not None and n >= context:
+            raise BadModelError(f"{key}={n} leaves no room for a prompt in {model_cfg.name}'s context of "
+                                f"{context} tokens; it must be below {context}")
     if model_cfg.lora.enabled:
         missing = [t for t in model_cfg.lora.target_modules if t not in names]
         if missing:
             raise BadModelError(f"model.lora.target_modules: {missing} not found in {model_cfg.name} "
                                 f"(it has e.g. {sorted(n for n in names if n.endswith('proj'))})")
+
+
+def check_model_for_config(cfg) -> None:
+    """check_model for a whole Config: its model section and the new tokens it asks for."""
+    check_model(cfg.model, {"rollout.max_tokens": cfg.rollout.max_tokens, "eval.max_tokens": cfg.eval.max_tokens})
 
 
 def load_for_config(cfg, adapter: str | Path | None = None):

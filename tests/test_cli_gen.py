@@ -35,6 +35,7 @@ def test_gen_fresh_split_writes_the_fresh_set(tmp_path, capsys):
     (["--difficulty", "11", "--n", "5"], "difficulty must be an integer in 1-10, got 11"),
     (["--difficulty", "0", "--n", "5"], "got 0"),
     (["--difficulty", "3", "--n", "0"], "n must be an integer >= 1, got 0"),
+    (["--difficulty", "5", "--n", "13000", "--split", "fresh"], "d5 can give at most 11702 fresh items"),
 ])
 def test_gen_rejects_bad_values_and_writes_nothing(tmp_path, args, msg):
     out = tmp_path / "x.jsonl"

@@ -55,6 +55,8 @@ def write_records(tmp_path, records, name="in.jsonl"):
 @pytest.mark.parametrize("args,msg", [
     (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--max-tokens", "1000000000"], "--max-tokens 1000000000 leaves no room for a prompt in the model's context "
+                                     "of 4096 tokens"),
 ])
 def test_eval_bad_numbers_are_one_line(tmp_path, args, msg):
     r = run_cli("eval", "--model", "tiny-random-llama", "--data", str(write_records(tmp_path, data.eval_records(1, 2))),

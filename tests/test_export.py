@@ -86,6 +86,7 @@ def test_export_fresh_evaluates_the_adapter_on_strings_no_run_generated(finished
     ("step", "no eval of step 3; evaluated steps: [0, 2, 4]"),
     ("not a run", "has no evals/step_N.json"),
     ("fresh", "--fresh must be >= 0 items per difficulty, got -1"),
+    ("fresh pool", "fresh items (distinct words of its lengths outside the held-out set), asked for 200000"),
 ])
 def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case, msg):
     out = tmp_path / "out"
@@ -96,6 +97,8 @@ def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case,
         args += ["--step", "3"]
     elif case == "fresh":
         args += ["--fresh", "-1"]
+    elif case == "fresh pool":  # more distinct words than the tier has: refused, not drawn forever
+        args += ["--fresh", "200000"]
     else:
         args[2] = str(tmp_path)
     assert main(args) == 2

@@ -49,3 +49,19 @@ def test_atomic_write_text_needs_the_folder(tmp_path):
     with pytest.raises(OSError, match="does not exist"):
         atomic_write_text(tmp_path / "missing" / "x.txt", "x")
     assert atomic_write_text(tmp_path / "x.txt", "x").read_text() == "x"
+
+
+def test_a_torn_timings_line_loses_only_itself(tmp_path, capsys):
+    """A crash mid-append leaves a torn last line: the next row starts a line of its own, and
+    reading skips the torn one, naming the file and line, and keeps every intact row."""
+    import json
+
+    from picorl.pipeline import read_timings, timed
+    from picorl.run_folder import RunFolder
+    path = RunFolder(tmp_path).timings
+    path.write_text(json.dumps({"task": "sft", "seconds": 1.0}) + "\n" + '{"task": "grpo", "seco')
+    with timed(tmp_path, "eval", step=0):
+        pass
+    rows = read_timings(tmp_path)
+    assert [r["task"] for r in rows] == ["sft", "eval"]
+    assert f"{path}:2 is not a JSON row" in capsys.readouterr().err

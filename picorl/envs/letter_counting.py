@@ -53,7 +53,7 @@ def english_words() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _words_between(lo: int, hi: int) -> tuple[str, ...]:
+def words_between(lo: int, hi: int) -> tuple[str, ...]:
     return tuple(w for w in english_words() if lo <= len(w) <= hi)
 
 
@@ -81,7 +81,7 @@ def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False
     if random_string:
         text = "".join(rng.choice(_string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
     else:
-        text = rng.choice(_words_between(lo, hi))
+        text = rng.choice(words_between(lo, hi))
     n = rng.randint(max(2, min_k), max_k) if rng.random() < p_multi else 1
     # Letters are distinct, so tiers 8-10 (up to 50 asked) are capped at the alphabet.
     n = min(n, len(_string.ascii_lowercase))
