@@ -105,7 +105,7 @@ def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[d
 def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict]) -> dict:
     out = {"change": change, "sets": sets, "seconds": round(seconds, 1),
            "greedy": paired_change(start["items"], end["items"]), "end": end, "updates": updates}
-    if "sampled" in start:
+    if "sampled" in start and "sampled" in end:  # an arm measured greedy only (--k 1) has no sampled pair
         out["sampled"] = {"before": start["sampled"]["sampled_exact"], "after": end["sampled"]["sampled_exact"],
                           "pass_before": start["sampled"]["pass_at_k"], "pass_after": end["sampled"]["pass_at_k"]}
     return out
@@ -171,9 +171,7 @@ def main() -> int:
         start = json.loads((start_dir / "start.json").read_text())
         sft_s = start["sft_seconds"]
         print(f"SFT start from {start_dir} ({sft_s:.0f} s when it was made)", flush=True)
-        if args.k == 1:
-            start.pop("sampled", None)  # the arms measure greedy only: compare like with like
-        elif start.get("sampled", {}).get("k") != args.k:
+        if args.k > 1 and start.get("sampled", {}).get("k") != args.k:
             start["sampled"] = measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)["sampled"]
     else:
         torch.manual_seed(base.run.seed)
@@ -190,8 +188,8 @@ def main() -> int:
     start_opt = copy.deepcopy(sft_opt.state_dict())
     out["start"] = start
     print(f"after SFT: greedy {start['greedy']['exact']:.1%}" +
-          (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{args.k} {start['sampled']['pass_at_k']:.1%}"
-           if args.k > 1 else ""), flush=True)
+          (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{start['sampled']['k']} "
+           f"{start['sampled']['pass_at_k']:.1%}" if "sampled" in start else ""), flush=True)
 
     def restore():
         with torch.no_grad():

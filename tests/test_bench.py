@@ -181,3 +181,33 @@ def test_ablation_runs_a_row_through_picorl_train_and_keeps_earlier_rows(tmp_pat
     assert direct["final"] == final and set(final) == {"3", "5", "6"}
     assert "| direct | SFT style direct (answer only) |" in out.stdout
     assert table({"rows": rows})[2].startswith("| base | the base config | 50.0% ±25.0 | 75.0% ±21.7 |")
+
+
+@pytest.mark.slow
+def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
+    """Two GRPO arms and more_sft from one SFT start (kept on disk, reused by a second run):
+    each arm's gained and lost items account for its change in exact, on the same items."""
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    common = ["--config", smoke, "--eval-size", "4", "--k", "2", "--results-dir", str(tmp_path / "res"),
+              "--start-dir", str(tmp_path / "start")]
+    first = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", "more_sft", *common],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "SFT 3 x 2:" in first.stdout
+    second = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "overlong_penalty", *common],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "SFT start from" in second.stdout  # the same start, not a second SFT
+    (path,) = (tmp_path / "res").glob("rl_recipe-*-smoke.json")
+    out = json.loads(path.read_text())
+    assert list(out["rows"]) == ["binary", "overlong_penalty", "more_sft"]  # the ARMS order, earlier arms kept
+    start_items = out["start"]["items"]
+    for name, row in out["rows"].items():
+        g = row["greedy"]
+        assert g["n"] == 4 and g["before"] == out["start"]["greedy"]["exact"]
+        assert g["after"] - g["before"] == pytest.approx((g["gained"] - g["lost"]) / g["n"])
+        assert [i["string"] for i in row["end"]["items"]] == [i["string"] for i in start_items]
+        assert set(row["sampled"]) == {"before", "after", "pass_before", "pass_after"}
+    assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
+    assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
+    assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
