@@ -25,12 +25,12 @@ if [ $DRY = 1 ]; then
   UPDATE_SHAPE=(--model tiny-random-llama --tasks 2 --k 2 --max-tokens 8 --micro-batch 4 --updates 2 --profile 5)
 else
   CONFIG=configs/gpu.yaml
-  WORK=outputs/gpu-session
+  WORK=$PWD/outputs/gpu-session
   RESULT=results/$(date +%Y-%m-%d)-smollm2-curriculum
   UPDATE_SHAPE=(--tasks 16 --k 8 --max-tokens 384 --micro-batch 64 --dtype bfloat16 --engine graph --updates 6 --profile 25)
 fi
 mkdir -p "$WORK"
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$WORK/mlflow.db}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$WORK/mlflow.db}
 FAILED=0
 
 step() {  # step NAME COMMAND...: run it, say how it ended, never stop the script

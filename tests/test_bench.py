@@ -188,7 +188,9 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     """Two GRPO arms and more_sft from one SFT start (kept on disk, reused by a second run):
     each arm's gained and lost items account for its change in exact, on the same items."""
     smoke = str(ROOT / "configs" / "smoke.yaml")
-    common = ["--config", smoke, "--eval-size", "4", "--k", "2", "--results-dir", str(tmp_path / "res"),
+    # max_tokens 40: room for the overlong_penalty arm's 32-token buffer (config validation refuses less)
+    common = ["--config", smoke, "--set", "rollout.max_tokens=40", "--eval-size", "4", "--k", "2",
+              "--results-dir", str(tmp_path / "res"),
               "--start-dir", str(tmp_path / "start")]
     first = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", "more_sft", *common],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -211,3 +213,23 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
     assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
     assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run_goes_end_to_end_and_writes_no_result(tmp_path):
+    """bench/gpu_session.sh --dry-run: the smoke run through the flow, its export and the table,
+    the CUDA tests (skipped here), the update profile on the tiny model; nothing written under
+    results/ or bench/results/."""
+    before = sorted(p.name for p in (ROOT / "results").iterdir()), sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    for name in ("train", "export", "table", "cuda-tests", "update-profile"):
+        assert f"=== {name}: ok" in r.stdout, name
+    assert "=== would run: python -m bench.vs_trl" in r.stdout and "=== done: 0 step(s) failed" in r.stdout
+    (export,) = tmp_path.glob("tmp.*/results/smoke-export")
+    assert (export / "run.json").is_file() and (export / "fresh_eval.jsonl").is_file()
+    after = sorted(p.name for p in (ROOT / "results").iterdir()), sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
+    assert after == before
