@@ -69,6 +69,12 @@ def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_to
             "pass_at_k": sum(max(x) for x in per_item) / n, "per_item": [sum(x) for x in per_item]}
 
 
+def sampled(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
+    """sampled_eval through the config's rollout engine, at its temperature and eval.max_tokens."""
+    return sampled_eval(engine_for_config(cfg, model, tok, progress=False), records, k, cfg.rollout.temperature,
+                        cfg.eval.max_tokens, seed)
+
+
 def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     """Greedy items (exact per item, completion) and the sampled figures on the eval records."""
     greedy_engine = eval_engine(cfg, model, tok, progress=False)
@@ -76,9 +82,20 @@ def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     out = {"greedy": summary, "items": [{k_: i[k_] for k_ in ("string", "letters", "exact", "formatted", "completion")}
                                         for i in items]}
     if k > 1:
-        out["sampled"] = sampled_eval(engine_for_config(cfg, model, tok, progress=False), records, k,
-                                      cfg.rollout.temperature, cfg.eval.max_tokens, seed)
+        out["sampled"] = sampled(model, tok, cfg, records, k, seed)
     return out
+
+
+def trained_weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_weights(model, weights: dict) -> None:
+    """Copy `weights` (a trained_weights dict) into the model's trainable parameters."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
 
 
 def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[dict], float]:
@@ -141,13 +158,11 @@ def main() -> int:
     eval_set = data.eval_records(args.eval_difficulty, args.eval_size)
     train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed) for d in range(1, 11)
                   if any(d in Curriculum.for_stage(s).reachable() for s in base.stages)}
-    out = {"machine": machine(), "config": args.config, "sets": args.set, "eval": {
+    out = {"machine": machine(), "config": {"config": args.config, "sets": args.set}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
     stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}"
     results_dir = Path(args.results_dir)
-    kept = earlier_rows(results_dir / f"{stem}.json", {**out, "config": {"config": args.config, "sets": args.set}},
-                        set(args.arms))
-    out["config"] = {"config": args.config, "sets": args.set}
+    kept = earlier_rows(results_dir / f"{stem}.json", out, set(args.arms))
 
     model, tok = load_for_config(base)  # the seeded adapter
     sft_records = [r for d in base.sft.difficulties for r in data.train_records(d, base.data.train_size, seed=base.data.seed)]
@@ -163,16 +178,13 @@ def main() -> int:
     start_dir = Path(args.start_dir) / key
     if (start_dir / "start.json").is_file():
         saved = torch.load(start_dir / "weights.pt", weights_only=True)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in saved["weights"]:
-                    p.copy_(saved["weights"][n])
+        load_weights(model, saved["weights"])
         sft_opt.load_state_dict(saved["optimizer"])
         start = json.loads((start_dir / "start.json").read_text())
         sft_s = start["sft_seconds"]
         print(f"SFT start from {start_dir} ({sft_s:.0f} s when it was made)", flush=True)
         if args.k > 1 and start.get("sampled", {}).get("k") != args.k:
-            start["sampled"] = measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)["sampled"]
+            start["sampled"] = sampled(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)
     else:
         torch.manual_seed(base.run.seed)
         t0 = time.perf_counter()
@@ -181,25 +193,18 @@ def main() -> int:
         print(f"SFT {base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
         start = {"sft_seconds": round(sft_s, 1), **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)}
         start_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-                    "optimizer": sft_opt.state_dict()}, start_dir / "weights.pt")
+        torch.save({"weights": trained_weights(model), "optimizer": sft_opt.state_dict()}, start_dir / "weights.pt")
         atomic_write_text(start_dir / "start.json", json.dumps(start))
-    start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    start_weights = trained_weights(model)
     start_opt = copy.deepcopy(sft_opt.state_dict())
     out["start"] = start
     print(f"after SFT: greedy {start['greedy']['exact']:.1%}" +
           (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{start['sampled']['k']} "
            f"{start['sampled']['pass_at_k']:.1%}" if "sampled" in start else ""), flush=True)
 
-    def restore():
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in start_weights:
-                    p.copy_(start_weights[n])
-
     for arm in args.arms:
         change, sets = ARMS[arm]
-        restore()
+        load_weights(model, start_weights)
         print(f"\n=== {arm}: {change}", flush=True)
         torch.manual_seed(base.run.seed)
         if arm == "more_sft":

@@ -70,6 +70,7 @@ def train_records(difficulty: int, n: int, seed: int = 0) -> list[dict]:
     return _draw_outside_eval("train", difficulty, n, seed)
 
 
+@functools.lru_cache(maxsize=16)
 def fresh_capacity(difficulty: int) -> int | None:
     """The most distinct fresh strings a word tier can give (its words minus the held-out
     ones); None for the random-string tiers, whose strings do not run out."""

@@ -262,11 +262,6 @@ def model_shape(name: str, trust_remote_code: bool = False) -> tuple[set[str], i
     return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}, context
 
 
-def module_names(name: str, trust_remote_code: bool = False) -> set[str]:
-    """Last components of every module name of model `name`, from its config alone (no weights)."""
-    return model_shape(name, trust_remote_code)[0]
-
-
 def check_model(model_cfg, new_tokens: dict[str, int] | None = None) -> None:
     """Before any work: the device exists, the model resolves, every LoRA target module exists
     in it, and each of `new_tokens` ({config key: most new tokens}) leaves room for a prompt in
