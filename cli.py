@@ -102,12 +102,15 @@ def registered_model(args):
     from picorl.serving import load_trained
     if args.adapter:
         raise UsageError("--adapter goes with a base model; a registered model carries its own weights")
-    try:
-        from tasks.registry import download_registered
-        config, ckpt = download_registered(args.model, tempfile.mkdtemp(prefix="picorl-registered-"))
-    except Exception as e:  # no such model or version, MLflow unreachable, mlflow not installed
-        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0][:300]}") from None
-    model, tok, _ = load_trained(config, ckpt, device=args.device)
+    # The download (config, checkpoint and its optimizer state) is needed only until the
+    # weights are in memory.
+    with tempfile.TemporaryDirectory(prefix="picorl-registered-") as into:
+        try:
+            from tasks.registry import download_registered
+            config, ckpt = download_registered(args.model, into)
+        except Exception as e:  # no such model or version, MLflow unreachable, mlflow not installed
+            raise UsageError(f"--model {args.model}: {str(e).splitlines()[0][:300]}") from None
+        model, tok, _ = load_trained(config, ckpt, device=args.device)
     return model, tok
 
 
@@ -162,12 +165,17 @@ def prefect_environment(environ=None) -> dict:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as Ctrl-C is, so that the same clean-up runs."""
+    """SIGTERM or SIGHUP, raised as Ctrl-C is, so that the same clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 def terminate_as_interrupt(signum, frame):
-    """SIGTERM ends a run as Ctrl-C does: the flow marks its MLflow run and Prefect stops its server."""
-    raise Terminated(f"signal {signum}")
+    """SIGTERM (a service manager) and SIGHUP (a closed terminal, a dropped ssh session) end a
+    run as Ctrl-C does: the flow marks its MLflow run FAILED and Prefect stops its server."""
+    raise Terminated(signum)
 
 
 def cmd_train(args) -> None:
@@ -207,6 +215,7 @@ def cmd_train(args) -> None:
         print(f"starting Prefect's local API server (a first start can take a minute; "
               f"waiting up to {os.environ[STARTUP_TIMEOUT]} s)", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, terminate_as_interrupt)
+    signal.signal(signal.SIGHUP, terminate_as_interrupt)
     try:
         train(config_path=args.config, overrides=args.set, resume=args.resume)
     except ConfigError as e:
@@ -305,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="a new folder, e.g. results/2026-11-25-smollm2-curriculum")
     x.add_argument("--step", type=int, default=None, help="the evaluated step to export (default: the last)")
     x.add_argument("--fresh", type=int, default=0, metavar="N",
-                   help="also evaluate the adapter on N fresh items per eval difficulty (fresh_eval.jsonl)")
+                   help="also evaluate the adapter, and the after-SFT one, on N fresh items per eval difficulty "
+                        "(fresh_eval.jsonl, sft_fresh_eval.jsonl)")
     x.add_argument("--mlflow", action="store_true",
                    help="bring the run's MLflow records along (OUT/mlruns), so `mlflow ui` opens it anywhere")
     x.set_defaults(func=cmd_export)
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # the run folder and MLflow run are marked; no traceback
         terminated = isinstance(e, Terminated)
         print(f"picorl {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 128 + (15 if terminated else 2)
+        return 128 + (e.signum if terminated else 2)
     return 0
 
 

@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import flow, runtime
 
@@ -27,6 +29,24 @@ def check_model_config(cfg) -> None:
         models.check_model_for_config(cfg)
     except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
         raise ConfigError(str(e)) from None
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def check_config_path(config_path: str | None, deployed: bool) -> None:
+    """A deployment's config_path names a file the worker reads (and a YAML error quotes it into
+    the flow run's failure): a deployed run reads configs only from the checkout's configs/ or
+    from $PICORL_CONFIG_DIR. A run started from the command line reads what its user names."""
+    if not deployed or config_path is None:
+        return
+    allowed = [CONFIG_DIR, *([Path(os.environ["PICORL_CONFIG_DIR"])] if os.environ.get("PICORL_CONFIG_DIR") else [])]
+    path = Path(config_path).expanduser()
+    resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()  # links followed: where it really is
+    if not any(resolved.is_relative_to(a.resolve()) for a in allowed):
+        raise ConfigError(f"config_path={config_path!r}: a deployed run reads configs only from "
+                          f"{' or '.join(str(a) for a in allowed)}; set PICORL_CONFIG_DIR on the worker to allow "
+                          "another folder")
 
 
 def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
@@ -54,6 +74,9 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
             raise ConfigError(f"--resume {resume}: {e}") from None
         if not run_dir or not RunFolder(run_dir).config.is_file():
             raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
+        if tracking.run_status(resume) == "FINISHED":  # resuming would only report and register it again
+            raise ConfigError(f"--resume {resume}: that run is finished (report: {RunFolder(run_dir).report}); "
+                              "there is nothing left to train. Start a new run, or `picorl export` this one")
         refuse_changes_on_resume(pipeline.run_config(run_dir), overrides)
         lock = RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
         tracking.reopen_parent_run(resume, flow_run_id)
@@ -79,6 +102,7 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
           nproc_per_node: int | None = None) -> dict:
     """nproc_per_node: GPUs of the worker's machine that train each GRPO chunk (torchrun); None keeps the config's."""
     overrides = with_nproc(overrides, nproc_per_node)
+    check_config_path(config_path, deployed=runtime.deployment.id is not None)
     cfg = load_config(config_path, overrides)  # validated before any task runs
     check_model_config(cfg)
     problem = None if resume else output_dir_problem(cfg.run.output_dir)

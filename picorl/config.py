@@ -133,6 +133,7 @@ class GRPOConfig:
     epochs: int = knob(1, "Passes over one batch of rollouts; ppo needs >= 2, the others usually 1.")
     shared_prefix: bool = knob(True, "Run each prompt once per micro-batch and its completions on its cached keys/values (same loss and gradients, fewer tokens); false runs every full sequence.")
     micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
+    logprob_chunk: int = knob(0, "Completion positions per pass through the output head for the loss's log-probs; no (positions x vocab) logits are held, same values and gradients. 0: the whole logits at once.")
     max_grad_norm: float = knob(1.0, "Gradient norm clip.")
     max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")
     overlong_filter: bool = knob(False, "DAPO's overlong filter: completions cut off by rollout.max_tokens carry no loss (they still count in their group's advantages).")
@@ -164,7 +165,7 @@ class RunConfig:
     output_dir: str = knob("outputs", "Where run folders (checkpoints, report) are written.")
     experiment: str = knob("picorl", "MLflow experiment name.")
     chunk_updates: int = knob(10, "Updates per GRPO task; each chunk ends with a checkpoint.")
-    keep_checkpoints: int = knob(2, "Checkpoints kept per run; older ones are pruned after a new one is complete.")
+    keep_checkpoints: int = knob(2, "Checkpoints kept per run besides step_0 (after SFT, the baseline); older ones are pruned after a new one is complete.")
     retries: int = knob(2, "Prefect retries per task.")
     retry_delay_s: float = knob(5.0, "Seconds between retries.")
     tracking_outage_s: float = knob(600.0, "How long training goes on while MLflow is unreachable before a task fails (its retry resumes).")
@@ -213,7 +214,7 @@ RULES = {
     "rollout.batch_size": _pos, "rollout.gpu_memory_utilization": _frac, "rollout.max_model_len": _pos,
     "grpo.tasks_per_update": _pos, "grpo.group_size": (lambda v: v >= 2, ">= 2"), "grpo.lr": _pos,
     "grpo.weight_decay": _nonneg, "grpo.warmup_updates": _nonneg, "grpo.eps_low": (lambda v: 0 < v < 1, "in (0, 1)"), "grpo.eps_high": _pos,
-    "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.max_grad_norm": _pos,
+    "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.logprob_chunk": _nonneg, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
     "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
     "run.seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32): torch's and the samplers' seeds are derived from it"),
@@ -371,12 +372,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key.split(".")[0] == "stages" and "stages" not in raw:
             raw["stages"] = to_dict(Config())["stages"]
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg

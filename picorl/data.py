@@ -150,6 +150,11 @@ def _check_record(r, where: str) -> dict:
     if not isinstance(answer, dict) or set(answer) != set(letters) or \
             not all(type(v) is int for v in answer.values()):
         raise DataError(f"{where}: 'answer' must map each of {letters} to an integer count")
+    # The prompt must be that of the fields graded against: an edited string or answer with
+    # the old `messages` would ask one question and grade another.
+    if "messages" in r and r["messages"] != build_messages(r["string"], letters):
+        raise DataError(f"{where}: 'messages' is not the prompt of its 'string' and 'letters' (one edited "
+                        "without the other?); drop 'messages' and the prompt is built from the fields")
     return r
 
 

@@ -16,6 +16,12 @@ from picorl.rollout import Sampling
 from picorl.rollout.hf import HFEngine
 
 
+# The fields of an eval item that its tables keep (the export's JSONL, MLflow's table): the
+# record, the completion, the parsed prediction and its grade.
+ITEM_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
+               "formatted")
+
+
 def summarise(items: list[dict]) -> dict:
     n = len(items)
     return {"exact": sum(i["exact"] for i in items) / n if n else 0.0,

@@ -14,6 +14,12 @@ writes
     fresh_eval.jsonl           with --fresh N: the same adapter, greedy, on N fresh items per
                                eval difficulty (`picorl gen --split fresh`: strings no run
                                generates, letters drawn uniformly); run.json gets `fresh_exact`
+and, when the run kept its after-SFT checkpoint (step_0) and evaluated it, the baseline that
+GRPO is measured against, on the same items:
+    sft_adapter/, sft_eval.jsonl     step 0's adapter and its eval of the run's held-out items
+    sft_fresh_eval.jsonl             with --fresh N: step 0's adapter on the same fresh items
+                                     run.json's `change` (and `fresh_change`): per difficulty,
+                                     exact before -> after, items gained and lost, sign-test p
 
 Everything is written into a hidden folder beside `out` and renamed at the end, and `out`
 must not exist yet, so an export never leaves half a folder nor overwrites an earlier one.
@@ -24,14 +30,14 @@ import json
 import shutil
 from pathlib import Path
 
+from picorl import checkpoint
 from picorl.config import load_config
 from picorl.data import check_fresh_size, fresh_records, write_jsonl
+from picorl.evaluate import ITEM_FIELDS
 from picorl.files import atomic_folder
 from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
 
-EVAL_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
-               "formatted")
 
 
 def final_eval(run_dir: Path, step: int | None = None) -> dict:
@@ -53,19 +59,26 @@ def time_summary(timings: list[dict]) -> dict:
             "machines": sorted({t["machine"] for t in timings})}
 
 
-def fresh_eval(cfg, adapter: Path, n: int, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Greedy eval of the adapter on n fresh items per eval difficulty, decoded as the run's evals were."""
+def fresh_eval(cfg, adapter: Path, sets: dict[int, list[dict]], progress: bool = True) -> tuple[dict, list[dict]]:
+    """Greedy eval of the adapter on fresh sets ({difficulty: records}), decoded as the run's evals were."""
     from picorl.evaluate import evaluate_sets
     from picorl.models import load_for_config
 
     model, tok = load_for_config(cfg, adapter=adapter)
-    sets = {d: fresh_records(d, n) for d in cfg.eval.difficulties}
     return evaluate_sets(model, tok, sets, max_tokens=cfg.eval.max_tokens,
                          engine=eval_engine(cfg, model, tok, progress))
 
 
+def changes(before: list[dict], after: list[dict]) -> dict:
+    """{"d3": paired_change of that difficulty's items} for two evals of the same items."""
+    from picorl.evaluate import paired_change
+    return {f"d{d}": paired_change([i for i in before if i["difficulty"] == d],
+                                   [i for i in after if i["difficulty"] == d])
+            for d in sorted({i["difficulty"] for i in before})}
+
+
 def eval_lines(items: list[dict]) -> list[dict]:
-    return [{k: item.get(k) for k in EVAL_FIELDS} for item in items]
+    return [{k: item.get(k) for k in ITEM_FIELDS} for item in items]
 
 
 def per_difficulty(by_d: dict, key: str) -> dict:
@@ -81,9 +94,9 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     result = final_eval(run_dir, step)
     step = result["step"]
     run = RunFolder(run_dir)
-    adapter = run.checkpoint(step) / "adapter"
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"no LoRA adapter for step {step} at {adapter} (pruned, or a full fine-tune?)")
+    if checkpoint.adapter_path(run.checkpoint(step)) is None:
+        raise FileNotFoundError(f"no LoRA adapter for step {step} in {run.checkpoint(step)} (pruned, or a full "
+                                "fine-tune?)")
     needed = [run.config, run.report, run.curves]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
@@ -92,19 +105,32 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     if fresh:  # before anything is copied: a fresh set its tier cannot give is refused, not drawn forever
         for d in load_config(run.config).eval.difficulties:
             check_fresh_size(d, fresh)
+    files = run.eval_files()
+    baseline = step != 0 and 0 in files and checkpoint.adapter_path(run.checkpoint(0)) is not None
     with atomic_folder(out) as tmp:
         for p in needed:
             shutil.copy2(p, tmp / p.name)
-        (tmp / "adapter").mkdir()
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(adapter / name, tmp / "adapter" / name)
+        checkpoint.copy_adapter(run.checkpoint(step), tmp / "adapter")
         write_jsonl(eval_lines(result["items"]), tmp / "final_eval.jsonl")
         summary = {"step": step, "exact": per_difficulty(result["by_difficulty"], "exact"),
                    "n": per_difficulty(result["by_difficulty"], "n"), **time_summary(read_timings(run_dir))}
+        if baseline:
+            first = json.loads(files[0].read_text())
+            checkpoint.copy_adapter(run.checkpoint(0), tmp / "sft_adapter")
+            write_jsonl(eval_lines(first["items"]), tmp / "sft_eval.jsonl")
+            summary["sft_exact"] = per_difficulty(first["by_difficulty"], "exact")
+            summary["change"] = changes(first["items"], result["items"])
         if fresh:
-            by_d, items = fresh_eval(load_config(run.config), tmp / "adapter", fresh, progress)
+            cfg = load_config(run.config)
+            sets = {d: fresh_records(d, fresh) for d in cfg.eval.difficulties}  # one draw for both adapters
+            by_d, items = fresh_eval(cfg, tmp / "adapter", sets, progress)
             write_jsonl(eval_lines(items), tmp / "fresh_eval.jsonl")
             summary["fresh_exact"] = per_difficulty(by_d, "exact")
             summary["fresh_n"] = fresh
+            if baseline:
+                sft_by_d, sft_items = fresh_eval(cfg, tmp / "sft_adapter", sets, progress)
+                write_jsonl(eval_lines(sft_items), tmp / "sft_fresh_eval.jsonl")
+                summary["sft_fresh_exact"] = per_difficulty(sft_by_d, "exact")
+                summary["fresh_change"] = changes(sft_items, items)
         (tmp / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out

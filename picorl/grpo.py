@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from picorl.batching import left_pad_ids, positions, repeat_cache_rows, repeat_rows
+from picorl.head_logprobs import masked_logprobs, plain_head
 
 # algorithm -> advantage scale, loss aggregation, default eps_high, dynamic sampling
 ALGORITHMS = {
@@ -81,23 +82,30 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask):
+def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int = 0):
     """Log-probs of the completion tokens of a left-padded batch: returns (logp, mask), (batch, K).
 
     Left padding puts every completion at the right edge, so only the last K positions (K =
     longest completion) need logits: the prompt's logits over the whole vocabulary would be
-    most of the memory and time, and no loss term uses them.
+    most of the memory and time, and no loss term uses them. chunk > 0: the completion
+    positions go through the output head that many at a time and no (K x vocab) logits are
+    held (picorl/head_logprobs.py); same values and gradients.
     """
     k = max(int(completion_mask.sum(1).max().item()), 1)
+    mask = completion_mask[:, -k:]
+    weight = plain_head(model) if chunk else None
+    if weight is not None:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=positions(attention_mask)).last_hidden_state[:, -(k + 1):-1]
+        return masked_logprobs(hidden, weight, input_ids[:, -k:], mask, chunk), mask
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    logits_to_keep=k + 1).logits[:, :-1]
     logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, input_ids[:, -k:, None]).squeeze(-1)
-    mask = completion_mask[:, -k:]
     return logp * mask, mask
 
 
 def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
-                           owner: list[int], pad_id: int):
+                           owner: list[int], pad_id: int, chunk: int = 0):
     """Log-probs of completion tokens, running each prompt once for all of its completions.
 
     prompts: distinct prompt ids; completions[j] is sampled from prompts[owner[j]]. Returns
@@ -109,12 +117,15 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     keys/values, each row is repeated for its completions, and one forward over the
     completions attends to them. Gradients flow back through the cached keys/values into
     the prompt's forward, so loss and gradients equal token_logprobs' on the full
-    sequences (tests/test_trainer.py checks both).
+    sequences (tests/test_trainer.py checks both). chunk > 0: through the head a chunk of
+    positions at a time, as token_logprobs.
     """
     device = next(model.parameters()).device
+    weight = plain_head(model) if chunk else None
+    run = model.get_decoder() if weight is not None else model  # hidden states, or logits
     p_ids, p_attn = (t.to(device) for t in left_pad_ids(prompts, pad_id))
-    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=positions(p_attn), use_cache=True,
-                logits_to_keep=1)
+    out = run(input_ids=p_ids, attention_mask=p_attn, position_ids=positions(p_attn), use_cache=True,
+              **({} if weight is not None else {"logits_to_keep": 1}))
     rows = torch.tensor(owner, device=device)
     cache = repeat_cache_rows(out.past_key_values, owner)  # row j: completion j's prompt
     length = max(len(c) for c in completions)
@@ -125,10 +136,13 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     c_ids, mask = c_ids.to(device), mask.to(device)
     c_positions = p_attn.sum(1)[rows][:, None] + torch.arange(length, device=device)
     # Right padding is safe here: a pad sits after every real token, so no real token sees it.
-    logits = model(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
-                   position_ids=c_positions, past_key_values=cache, use_cache=True).logits
+    c_out = run(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
+                position_ids=c_positions, past_key_values=cache, use_cache=True)
+    if weight is not None:
+        hidden = torch.cat([repeat_rows(out.last_hidden_state[:, -1:], owner), c_out.last_hidden_state[:, :-1]], dim=1)
+        return masked_logprobs(hidden, weight, c_ids, mask, chunk), mask.float()
     # Token t is predicted by position t-1; the first by the prompt's last position.
-    logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), logits[:, :-1]], dim=1)
+    logits = torch.cat([repeat_rows(out.logits[:, -1:], owner), c_out.logits[:, :-1]], dim=1)
     logp = torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, c_ids[..., None]).squeeze(-1)
     mask = mask.float()
     return logp * mask, mask

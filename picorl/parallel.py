@@ -17,12 +17,23 @@ which starts the same torchrun command for every request it sees. torchrun waits
 `run.nnodes` agents have met, numbers the ranks, and the chunk runs as on one machine. A
 request is removed when its torchrun ends, so a joining machine never waits on a chunk that
 is over; a failed chunk's retry is a new request with a new rendezvous id.
+
+The shared folder is read by a daemon that serves every run in it, so join trusts nothing
+there: a request must be a small regular file (no FIFO, no link to /dev/zero) whose every
+field has its type and bounds, for a run folder with a config. Anything else is logged once
+and skipped. The head touches its request every HEARTBEAT_S while the chunk runs; one left by
+a killed head stops changing, and join leaves it after STALE_S instead of waiting in a
+rendezvous nobody else comes to while a live run's request queues behind it.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -33,6 +44,11 @@ from picorl.plan import Chunk
 from picorl.run_folder import RunFolder
 
 JOIN_POLL_S = 1.0
+HEARTBEAT_S = 10.0  # the head touches its request this often while the chunk runs
+STALE_S = 60.0  # a request unchanged for this long (its head died) is not joined
+MAX_REQUEST_BYTES = 64 * 1024  # a request is ~300 bytes
+_RDZV_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}:[0-9]{1,5}$")
 
 
 SFT = "sft"  # what a request's job is when it is not a chunk
@@ -72,12 +88,15 @@ def _run_parallel(cfg, run_dir, chunk: Chunk | None, progress: bool) -> dict:
                "rdzv_id": f"{folder.root.name[-40:]}-{tag}-{uuid.uuid4().hex[:8]}",
                "nproc_per_node": cfg.run.nproc_per_node, "nnodes": cfg.run.nnodes, "endpoint": cfg.run.rdzv_endpoint}
     published = folder.chunk_request(request["rdzv_id"])
+    alive = threading.Event()
     if cfg.run.nnodes > 1:
         publish(folder, request)
+        threading.Thread(target=_heartbeat, args=(published, alive), daemon=True).start()
     try:
         done = subprocess.run(torchrun_command(run_dir, request), stdout=None if progress else subprocess.DEVNULL,
                               stderr=None if progress else subprocess.PIPE, text=True)
     finally:
+        alive.set()
         published.unlink(missing_ok=True)
     result = folder.chunk_result(request["rdzv_id"])
     if done.returncode != 0 or not result.is_file():
@@ -96,6 +115,79 @@ def publish(folder: RunFolder, request: dict) -> None:
     atomic_write_text(folder.chunk_request(request["rdzv_id"]), json.dumps(request))
 
 
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch a published request until `stop` is set: joined machines see the head is alive."""
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            os.utime(path)
+        except OSError:  # removed: the chunk is over
+            return
+
+
+class BadRequest(ValueError):
+    """A file under nodes/ that is not a request join can run."""
+
+
+def _int_in(request: dict, key: str, lo: int, hi: int) -> int:
+    v = request.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise BadRequest(f"{key}={v!r}: expected a whole number in [{lo}, {hi}]")
+    return v
+
+
+def read_request(path: Path) -> dict:
+    """A chunk request, checked field by field; BadRequest says what is wrong with it.
+
+    Opened without following links and without blocking, so a FIFO or a link to a device
+    cannot hang or flood the daemon; read only if it is a regular file of bounded size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise BadRequest(f"cannot open it ({e.strerror or e}; a symlink?)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadRequest("not a regular file")
+        if st.st_size > MAX_REQUEST_BYTES:
+            raise BadRequest(f"{st.st_size} bytes, over the {MAX_REQUEST_BYTES} a request can hold")
+        raw = os.read(fd, MAX_REQUEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        request = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"not JSON ({e})") from None
+    if not isinstance(request, dict):
+        raise BadRequest("not a JSON object")
+    rdzv_id = request.get("rdzv_id")
+    if not isinstance(rdzv_id, str) or not _RDZV_ID.match(rdzv_id):
+        raise BadRequest(f"rdzv_id={rdzv_id!r}: expected 1-128 letters, digits, '.', '_' or '-'")
+    if path.name != f"{rdzv_id}.request.json":
+        raise BadRequest(f"rdzv_id={rdzv_id!r} does not match the file's name")
+    _int_in(request, "nproc_per_node", 1, os.cpu_count() or 1)
+    # One machine runs a chunk itself (--standalone, under its run lock): only a rendezvous of
+    # several is published for others to join.
+    _int_in(request, "nnodes", 2, 4096)
+    endpoint = request.get("endpoint")
+    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+        raise BadRequest(f"endpoint={endpoint!r}: expected host:port")
+    chunk = request.get("chunk", "missing")
+    if chunk is not None:
+        if not isinstance(chunk, dict) or set(chunk) != {"stage", "start", "end", "eval_after"}:
+            raise BadRequest(f"chunk={chunk!r}: expected null (SFT) or {{stage, start, end, eval_after}}")
+        _int_in(chunk, "stage", 0, 10**6)
+        start = _int_in(chunk, "start", 0, 10**9)
+        _int_in(chunk, "end", start + 1, 10**9)
+        if type(chunk["eval_after"]) is not bool:
+            raise BadRequest(f"chunk.eval_after={chunk['eval_after']!r}: expected true or false")
+    run = RunFolder(path.parent.parent)
+    if not run.config.is_file():
+        raise BadRequest(f"{run.root} has no config.yaml: not a run folder")
+    return request
+
+
 def release_nodes(run_dir) -> None:
     """Tell machines that joined the run that it is over (finished or failed)."""
     folder = RunFolder(run_dir)
@@ -103,21 +195,49 @@ def release_nodes(run_dir) -> None:
         folder.nodes_done.touch()
 
 
-def join(output_dir, *, once: bool = False, poll_s: float = JOIN_POLL_S, log=print) -> int:
+def is_live(mtime: float, now: float, seen: tuple[float, float, bool], stale_s: float) -> bool:
+    """Whether a request's head is alive: touched within stale_s by this machine's clock, or seen
+    by join to change within stale_s (a shared folder's clock may differ from this one's)."""
+    _, seen_at, changed = seen
+    return abs(now - mtime) <= stale_s or (changed and now - seen_at <= stale_s)
+
+
+def join(output_dir, *, once: bool = False, poll_s: float = JOIN_POLL_S, stale_s: float = STALE_S,
+         log=print) -> int:
     """Run this machine's ranks of every chunk request that appears under output_dir.
 
     Runs until interrupted; with once=True, returns when a run it joined is over. A request
-    whose torchrun fails is logged and left: the flow's retry publishes a new one.
+    whose torchrun fails is logged and left: the flow's retry publishes a new one. A bad or
+    stale request is logged once and skipped; it never stops another run's request.
     """
     out, joined, last_run = Path(output_dir), set(), None
+    skipped: set[tuple] = set()  # (path, why) already logged
+    seen: dict[Path, tuple[float, float, bool]] = {}  # request -> (mtime, when join saw it, changed since first look)
     log(f"waiting for data-parallel chunks under {out.resolve()} (Ctrl-C to stop)")
     while True:
-        for path in out.glob("*/nodes/*.request.json"):
+        for path in sorted(out.glob("*/nodes/*.request.json")):
             try:
-                request = json.loads(path.read_text())
-            except (OSError, ValueError):  # removed, or not a request: the head owns these files
+                request = read_request(path)
+                if request["rdzv_id"] in joined:
+                    continue
+                mtime = path.lstat().st_mtime
+            except FileNotFoundError:  # the chunk ended between the glob and the read
                 continue
-            if request["rdzv_id"] in joined:
+            except BadRequest as e:
+                if (path, str(e)) not in skipped:
+                    skipped.add((path, str(e)))
+                    log(f"skipping {path}: {e}")
+                continue
+            now = time.time()
+            if path not in seen:
+                seen[path] = (mtime, now, False)
+            elif seen[path][0] != mtime:
+                seen[path] = (mtime, now, True)
+            if not is_live(mtime, now, seen[path], stale_s):
+                if (path, "stale") not in skipped:
+                    skipped.add((path, "stale"))
+                    log(f"skipping {path} while it is unchanged: not touched for over {stale_s:.0f} s "
+                        "(its run's head stopped?)")
                 continue
             joined.add(request["rdzv_id"])
             run_dir, job = path.parent.parent, job_name(request)

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from picorl import checkpoint, data
-from picorl.config import Config, dump_yaml, load_config
+from picorl.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
 from picorl.evaluate import evaluate_sets, paired_change
 from picorl.faults import fault_point
 from picorl.files import atomic_write_text
 from picorl.machine import machine_name
+from picorl.metrics import eval_metrics
 from picorl.plan import Chunk, train_difficulties
 from picorl.rollout.hf import HFEngine
 from picorl.run_folder import RunFolder
@@ -43,20 +44,34 @@ class NumericalError(RuntimeError):
 def prepare_run_dir(cfg: Config, run_dir) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RunFolder(run_dir).config, dump_yaml(cfg))
+    folder = RunFolder(run_dir)
+    # The lock first: a config.yaml without one is an older run, read as it is.
+    atomic_write_text(folder.config_lock, json.dumps(flatten(to_dict(cfg)), indent=1, default=str))
+    atomic_write_text(folder.config, dump_yaml(cfg))
     return run_dir
 
 
 def run_config(run_dir) -> Config:
-    """The config a run folder was started with."""
-    return load_config(RunFolder(run_dir).config)
+    """The config a run folder was started with. A config.yaml edited since is refused, naming
+    the keys: MLflow's params, the data and the checkpoints all follow from the first one, and a
+    resume that trained 50 updates where the run's record says 2 would contradict them."""
+    folder = RunFolder(run_dir)
+    cfg = load_config(folder.config)
+    if folder.config_lock.is_file():
+        started = json.loads(folder.config_lock.read_text())
+        now = json.loads(json.dumps(flatten(to_dict(cfg)), default=str))
+        changed = [f"{k} ({started.get(k, 'not set')!r} -> {now.get(k, 'not set')!r})"
+                   for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError(f"{folder.config} was edited after the run started: {', '.join(changed)}. "
+                              "A run keeps the config it started with (its MLflow params and checkpoints "
+                              "follow from it): put the file back, or start a new run with the new values")
+    return cfg
 
 
 def read_history(run_dir) -> list[dict]:
     latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
-    if latest is None or not (latest / "history.jsonl").is_file():
-        return []
-    return [json.loads(x) for x in (latest / "history.jsonl").read_text().splitlines() if x.strip()]
+    return [] if latest is None else checkpoint.read_history(latest)
 
 
 def eval_rows(run_dir) -> list[dict]:
@@ -82,10 +97,8 @@ def grpo_gains(run_dir) -> dict[str, dict]:
 
 
 def eval_row(result: dict) -> dict:
-    m = {}
-    for d, s in result["by_difficulty"].items():
-        m[f"eval/acc_d{d}"], m[f"eval/partial_d{d}"], m[f"eval/format_d{d}"] = s["exact"], s["partial"], s["formatted"]
-    return {"kind": "eval", "step": result["step"], "stage": result.get("stage"), "metrics": m}
+    return {"kind": "eval", "step": result["step"], "stage": result.get("stage"),
+            "metrics": eval_metrics(result["by_difficulty"])}
 
 
 @contextlib.contextmanager
@@ -263,8 +276,7 @@ def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) ->
     path = checkpoint.step_path(root, step)
     if rank_and_world()[0] == 0:
         checkpoint.save_checkpoint(root, step, sess.model, trainer.state_dict(), info=info,
-                                   keep_last=sess.cfg.run.keep_checkpoints, files={
-                                       "history.jsonl": "".join(json.dumps(r) + "\n" for r in history)})
+                                   keep_last=sess.cfg.run.keep_checkpoints, history=history)
     barrier()
     sess.loaded = str(path)
     return path
@@ -310,7 +322,7 @@ def run_chunk(cfg: Config, run_dir, chunk: Chunk, progress: bool = True) -> dict
     latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
     if latest is None:
         raise RuntimeError(f"no checkpoint under {RunFolder(run_dir).checkpoints}: run the SFT step first")
-    info = json.loads((latest / "state.json").read_text())
+    info = checkpoint.read_info(latest)
     if info["step"] >= chunk.end:
         return {"skipped": True, "step": info["step"], "checkpoint": str(latest)}
     if info["step"] < chunk.start:
@@ -372,7 +384,7 @@ def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
     out, ckpt = RunFolder(run_dir).eval_file(step), RunFolder(run_dir).checkpoint(step)
     if out.is_file():
         return json.loads(out.read_text())
-    if not (ckpt / "state.json").is_file():
+    if not checkpoint.is_checkpoint(ckpt):
         raise FileNotFoundError(f"no checkpoint {ckpt} to evaluate (pruned? raise run.keep_checkpoints)")
     with timed(run_dir, "eval", step=step):
         return _eval(cfg, run_dir, step, ckpt, out, progress)
@@ -383,7 +395,7 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
     sess = session_for(cfg)
     if sess.loaded != str(ckpt):
         sess.restore(ckpt)
-    info = json.loads((ckpt / "state.json").read_text())
+    info = checkpoint.read_info(ckpt)
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
     by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
                                 engine=sess.eval_engine(progress))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from picorl.config import Config
+from picorl.metrics import eval_difficulties, eval_metric, parse_eval_metric
 
 CURVES = [("train/reward_mean", "reward (mean)"), ("train/frac_correct", "fraction correct (sampled)"),
           (None, "greedy eval accuracy"), ("train/frac_truncated", "fraction truncated (hit max_tokens)"),
@@ -31,14 +32,14 @@ def _opt_pct(x):
 def observations(evals: list[dict]) -> list[str]:
     """Peak, final and plateau per eval difficulty, computed from the eval rows."""
     out = []
-    keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")}, key=lambda k: int(k[10:]))
-    for key in keys:
+    for d in eval_difficulties(evals):
+        key = eval_metric("acc", d)
         pts = [(r["step"], r["metrics"][key]) for r in evals if key in r["metrics"]]
         if not pts:
             continue
         peak_step, peak = max(pts, key=lambda p: (p[1], -p[0]))
         final_step, final = pts[-1]
-        line = f"d{key[10:]}: {_pct(pts[0][1])} after SFT, peak {_pct(peak)} at update {peak_step}, " \
+        line = f"d{d}: {_pct(pts[0][1])} after SFT, peak {_pct(peak)} at update {peak_step}, " \
                f"final {_pct(final)} at update {final_step}"
         tail = [v for _, v in pts[-3:]]
         if len(pts) >= 4 and max(tail) - min(tail) <= 0.05 and final < 1.0:
@@ -79,7 +80,7 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
     train = [r for r in history if r["kind"] == "train"]
     lines += ["## SFT warmup", "", "| loss first -> last | post-SFT format compliance | post-SFT mean reward |",
               "|---|---|---|"]
-    fmt = [v for k, v in (first_eval or {}).get("metrics", {}).items() if k.startswith("eval/format_d")]
+    fmt = [v for k, v in (first_eval or {}).get("metrics", {}).items() if (parse_eval_metric(k) or ("",))[0] == "format"]
     lines.append(f"| {sft[0][1]:.3f} -> {sft[-1][1]:.3f} | " if sft else "| (no SFT) | ")
     lines[-1] += (f"{_pct(sum(fmt) / len(fmt))} |" if fmt else "- |") + \
         (f" {train[0]['metrics']['train/reward_mean']:.3f} (update 1) |" if train else " - |")
@@ -100,9 +101,10 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
         lines.append("")
 
     if evals:
-        keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")}, key=lambda k: int(k[10:]))
+        ds = eval_difficulties(evals)
+        keys = [eval_metric("acc", d) for d in ds]
         best = {k: max(r["metrics"].get(k, -1) for r in evals) for k in keys}
-        lines += ["## Greedy evals (exact)", "", "| update | " + " | ".join(f"d{k[10:]}" for k in keys) + " |",
+        lines += ["## Greedy evals (exact)", "", "| update | " + " | ".join(f"d{d}" for d in ds) + " |",
                   "|---|" + "---|" * len(keys)]
         for r in evals:
             cells = []
@@ -129,13 +131,12 @@ def plot_curves(history: list[dict], evals: list[dict], path: str | Path) -> Pat
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for ax, (key, title) in zip(axes.flat, CURVES):
         if key is None:
-            keys = sorted({k for r in evals for k in r["metrics"] if k.startswith("eval/acc_d")},
-                          key=lambda k: int(k[10:]))
-            for k in keys:
-                pts = _series(evals, "eval", k)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d{k[10:]}")
+            ds = eval_difficulties(evals)
+            for d in ds:
+                pts = _series(evals, "eval", eval_metric("acc", d))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"d{d}")
             ax.set_ylim(-0.02, 1.02)
-            if keys:
+            if ds:
                 ax.legend()
         else:
             pts = _series(history, "train", key)

@@ -2,6 +2,7 @@
 
 A run folder holds everything a run needs to continue after a crash:
     config.yaml                  the resolved config
+    config.lock.json             what config.yaml held when the run started (a hand edit is refused)
     data/                        train_dN/ and eval_dN/ datasets, manifest.json, sample.jsonl
     checkpoints/step_N/          adapter + trainer state + state.json + history.jsonl
     evals/step_N.json            per-difficulty summaries and per-item completions
@@ -31,6 +32,7 @@ class RunFolder:
         return f"RunFolder({str(self.root)!r})"
 
     config = property(lambda self: self.root / "config.yaml")
+    config_lock = property(lambda self: self.root / "config.lock.json")
     data = property(lambda self: self.root / "data")
     manifest = property(lambda self: self.data / "manifest.json")
     sample = property(lambda self: self.data / "sample.jsonl")

@@ -25,11 +25,36 @@ def load_trained(config_file, checkpoint_dir, device: str = "auto"):
     return model.eval(), tok, cfg
 
 
+def check_tasks(tasks) -> list[dict]:
+    """The tasks as {"string": str, "letters": [single characters]} records; a ValueError names
+    the first one that is not (what a served model gets is anyone's input)."""
+    if isinstance(tasks, (str, bytes, dict)) or not hasattr(tasks, "__iter__"):
+        raise ValueError(f"expected a list of tasks like [{{'string': 'banana', 'letters': ['a', 'n']}}], "
+                         f"got {type(tasks).__name__} {str(tasks)[:80]!r}")
+    out = []
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict) or "string" not in t or "letters" not in t:
+            raise ValueError(f"task {i}: expected {{'string': ..., 'letters': [...]}}, got {str(t)[:120]!r}")
+        string, letters = t["string"], t["letters"]
+        if not isinstance(string, str) or not string:
+            raise ValueError(f"task {i}: 'string' must be a non-empty string, got {string!r}")
+        letters = list(letters) if not isinstance(letters, str) and hasattr(letters, "__iter__") else letters
+        if not isinstance(letters, list) or not letters or \
+                not all(isinstance(c, str) and len(c) == 1 for c in letters) or len(set(letters)) != len(letters):
+            raise ValueError(f"task {i}: 'letters' must be a non-empty list of distinct single characters, "
+                             f"got {t['letters']!r}")
+        out.append({"string": string, "letters": letters})
+    return out
+
+
 def answers(model, tok, tasks: list[dict], max_tokens: int = 512) -> list[dict]:
     """Greedy completion and parsed prediction for each {"string", "letters"} task."""
     from picorl.rollout.hf import HFEngine
 
+    tasks = check_tasks(tasks)
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
     groups = HFEngine(model, tok, progress=False).generate([messages_of(t) for t in tasks], 1,
                                                          Sampling(temperature=0.0, max_tokens=max_tokens))
-    return [{"completion": c.text, "prediction": parse_answer(c.text, list(t["letters"])).counts}
+    return [{"completion": c.text, "prediction": parse_answer(c.text, t["letters"]).counts}
             for t, (c,) in zip(tasks, groups)]

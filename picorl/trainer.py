@@ -235,10 +235,11 @@ class GRPOTrainer:
         if self.cfg.grpo.shared_prefix:
             rows, owner = distinct_rows([group_of[i] for i in part])  # one prompt per group
             return shared_prefix_logprobs(model, [completions[part[r]].prompt_ids for r in rows],
-                                          [completions[i].token_ids for i in part], owner, pad)
+                                          [completions[i].token_ids for i in part], owner, pad,
+                                          chunk=self.cfg.grpo.logprob_chunk)
         seqs = [completions[i].prompt_ids + completions[i].token_ids for i in part]
         masks = [[0] * len(completions[i].prompt_ids) + [1] * len(completions[i].token_ids) for i in part]
-        return token_logprobs(model, *pad_batch(seqs, masks, pad, self.device))
+        return token_logprobs(model, *pad_batch(seqs, masks, pad, self.device), chunk=self.cfg.grpo.logprob_chunk)
 
     def _optimise(self, completions, group_of, adv, carries_loss=None):
         """Loss and gradients over micro-batches, weighted so they sum to the full batch's loss.

@@ -16,10 +16,11 @@ def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path]:
     folder = RunFolder(tracking.run_dir_of(run_id) or "")
     cfg = pipeline.run_config(folder.root)
     ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(folder.checkpoints)
-    if ckpt is None or not (ckpt / "adapter").is_dir():
+    adapter = None if ckpt is None else checkpoint.adapter_path(ckpt)
+    if adapter is None:
         raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {folder.checkpoints}" +
                                 (f" for step {step}" if step is not None else ""))
-    return cfg.model.name, ckpt / "adapter"
+    return cfg.model.name, adapter
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)

@@ -25,7 +25,10 @@ from picorl.plan import Chunk
 from picorl.run_folder import RunFolder
 from tasks import tracking
 
-TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException, ConnectionError, TimeoutError)
+# An unreachable server, and a full, read-only or denied artifact store (OSError from the
+# artifact repository): either way MLflow cannot take the records now, and the run folder
+# keeps them until it can.
+TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException, OSError)
 _OUTAGE_SINCE: dict[str, float] = {}  # parent run id -> when delivery first failed
 
 
@@ -53,6 +56,11 @@ def _deliver_once(run: dict, cfg) -> None:
             c.log_artifacts(parent, str(ckpt), f"{tracking.CHECKPOINTS}/{ckpt.name}")
 
 
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def deliver(run: dict, cfg, *, wait: bool = False) -> bool:
     """Bring MLflow up to date with the run folder. Tolerates an outage up to the configured limit.
 
@@ -69,10 +77,11 @@ def deliver(run: dict, cfg, *, wait: bool = False) -> bool:
             down = time.time() - since
             if down > limit:
                 _OUTAGE_SINCE.pop(run["parent_run_id"], None)
-                raise TrackingOutage(f"MLflow at {tracking.tracking_uri()} unreachable for {down:.0f} s "
-                                     f"(run.tracking_outage_s={limit:g}); the run folder keeps everything: "
-                                     f"{run['run_dir']}") from e
-            print(f"MLflow unreachable for {down:.0f} s, training goes on; will deliver later ({type(e).__name__})")
+                raise TrackingOutage(f"MLflow at {tracking.tracking_uri()} could not take the run's records for "
+                                     f"{down:.0f} s (run.tracking_outage_s={limit:g}; last error: {_short(e)}); "
+                                     f"the run folder keeps everything: {run['run_dir']}") from e
+            print(f"MLflow could not take the run's records for {down:.0f} s, training goes on; will deliver "
+                  f"later ({_short(e)})")
             if not wait:
                 return False
             time.sleep(min(5.0, max(limit - down, 0.1)))

@@ -28,8 +28,18 @@ class LetterCountingModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from picorl.serving import answers
-        tasks = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        return answers(self.model, self.tok, tasks, max_tokens=(params or {}).get("max_tokens", self.cfg.eval.max_tokens))
+        tasks = model_input.to_dict("records") if hasattr(model_input, "to_dict") else model_input
+        max_tokens = (params or {}).get("max_tokens") or self.cfg.eval.max_tokens
+        return answers(self.model, self.tok, tasks, max_tokens=int(max_tokens))
+
+
+def signature(default_max_tokens: int):
+    """Inputs {string, letters} and the max_tokens param: MLflow checks both before predict,
+    and without a params schema it would drop max_tokens with a warning."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+    return ModelSignature(inputs=Schema([ColSpec("string", "string"), ColSpec(Array("string"), "letters")]),
+                          params=ParamSchema([ParamSpec("max_tokens", "long", default_max_tokens)]))
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
@@ -39,10 +49,12 @@ def register_final_model(run: dict, name: str) -> dict:
     final = checkpoint.latest_checkpoint(folder.checkpoints)
     if final is None:
         raise FileNotFoundError(f"no checkpoint under {folder.checkpoints} to register")
+    from picorl.pipeline import run_config
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run["parent_run_id"]):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=LetterCountingModel(), registered_model_name=name,
+            signature=signature(run_config(folder.root).eval.max_tokens),
             artifacts={"config": str(folder.config), "checkpoint": str(final)},
             pip_requirements=["picorl", "torch", "transformers", "peft"])
     return {"name": name, "version": str(info.registered_model_version), "checkpoint": final.name}

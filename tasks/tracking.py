@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from picorl.config import flatten, to_dict
+from picorl.evaluate import ITEM_FIELDS
 from picorl.faults import fault_point
 from picorl.plan import stage_names
 
@@ -95,13 +96,10 @@ def log_config(c: MlflowClient, run_id: str, cfg) -> None:
     log_params(c, run_id, flatten(to_dict(cfg)))
 
 
-EVAL_COLUMNS = ("difficulty", "string", "letters", "answer", "completion", "exact", "partial", "formatted")
-
-
 def log_eval_table(c: MlflowClient, run_id: str, items: list[dict], artifact_file: str) -> None:
     """Per-item eval completions as an MLflow table (lists and dicts as JSON text)."""
     c.log_table(run_id, data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list)) else i.get(k)
-                                  for i in items] for k in EVAL_COLUMNS}, artifact_file=artifact_file)
+                                  for i in items] for k in ITEM_FIELDS}, artifact_file=artifact_file)
 
 
 def stage_run_name(cfg, stage) -> str | None:
@@ -188,6 +186,11 @@ def run_dir_of(run_id: str) -> str | None:
     except Exception:
         raise LookupError(f"no such MLflow run {run_id} at {tracking_uri()}") from None
     return run.data.tags.get("picorl.run_dir")
+
+
+def run_status(run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return client().get_run(run_id).info.status
 
 
 def open_parent_run(cfg, run_dir, config_file, flow_run_id: str) -> str:

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from picorl.config import load_config
 from picorl.curriculum import Curriculum
 from picorl.plan import chunks, describe_plan, eval_steps, stage_names, train_difficulties
@@ -132,3 +134,17 @@ def test_report_shows_truncation_and_what_grpo_changed(tmp_path):
     assert ("d3 exact after SFT 25.0% -> after GRPO 50.0% on 4 held-out items (gained 2, lost 1; sign test p = 1)"
             == gain_line("3", gains["3"]))
     assert gain_line("3", gains["3"]) in md
+
+
+def test_eval_metric_names_are_built_and_read_back_in_one_place():
+    from picorl.metrics import eval_difficulties, eval_metric, eval_metrics, parse_eval_metric
+    m = eval_metrics({"3": {"exact": 0.5, "partial": 0.75, "formatted": 1.0, "n": 4}, 10: {"exact": 0.1, "partial": 0.2,
+                                                                                          "formatted": 0.3, "n": 4}})
+    assert m == {"eval/acc_d3": 0.5, "eval/partial_d3": 0.75, "eval/format_d3": 1.0,
+                 "eval/acc_d10": 0.1, "eval/partial_d10": 0.2, "eval/format_d10": 0.3}
+    assert [parse_eval_metric(k) for k in m] == [("acc", 3), ("partial", 3), ("format", 3),
+                                                 ("acc", 10), ("partial", 10), ("format", 10)]
+    assert parse_eval_metric("train/frac_correct") is None and parse_eval_metric("eval/acc_dx") is None
+    assert eval_difficulties([{"metrics": m}, {"metrics": {"train/loss": 1.0}}]) == [3, 10]  # 10 after 3, not "10" < "3"
+    with pytest.raises(ValueError, match="eval metric kind 'exact'"):
+        eval_metric("exact", 3)

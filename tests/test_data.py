@@ -91,6 +91,19 @@ def test_bad_lines_are_named(tmp_path, line, msg):
         data.read_jsonl(p)
 
 
+def test_a_record_whose_prompt_no_longer_asks_its_question_is_refused(tmp_path):
+    # `picorl gen` writes each record's prompt; editing the string and answer but not the
+    # prompt would grade the new answer against an answer to the old question.
+    (rec,) = data.eval_records(3, 1)
+    edited = {**rec, "string": "banana", "letters": ["a"], "answer": {"a": 3}}
+    data.write_jsonl([rec, edited], tmp_path / "edited.jsonl")
+    with pytest.raises(data.DataError, match="edited.jsonl:2: 'messages' is not the prompt of its 'string' and 'letters'"):
+        data.read_jsonl(tmp_path / "edited.jsonl")
+    del edited["messages"]  # rebuilt from the fields, as the error says
+    data.write_jsonl([rec, edited], tmp_path / "fixed.jsonl")
+    assert "banana" in data.messages_of(data.read_jsonl(tmp_path / "fixed.jsonl")[1])[-1]["content"]
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "a.jsonl"
     p.write_text("old\n")

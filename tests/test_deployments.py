@@ -65,3 +65,24 @@ def test_deploy_trigger_and_run_on_a_process_pool(tmp_path):
     assert runs["deployed"].data.params["run.nproc_per_node"] == "1"
     assert runs["deployed-gpu"].data.params["run.nproc_per_node"] == "2"
     assert list(out.glob("deployed-*/report.md"))
+
+
+def test_a_deployed_run_reads_configs_only_from_the_configs_folder(tmp_path, monkeypatch):
+    from flows.train import CONFIG_DIR, check_config_path
+    from picorl.config import ConfigError
+    monkeypatch.delenv("PICORL_CONFIG_DIR", raising=False)
+    monkeypatch.chdir(ROOT)
+    for ok in ("configs/smoke.yaml", str(CONFIG_DIR / "gpu.yaml"), None):
+        check_config_path(ok, deployed=True)
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("token: hunter2\n")
+    link = tmp_path / "configs-link"
+    link.symlink_to(CONFIG_DIR)
+    for bad in (str(secret), "/etc/passwd", "configs/../../../etc/passwd", "~/.netrc"):
+        with pytest.raises(ConfigError, match=r"a deployed run reads configs only from .*PICORL_CONFIG_DIR") as e:
+            check_config_path(bad, deployed=True)
+        assert "hunter2" not in str(e.value)
+    check_config_path(str(link / "smoke.yaml"), deployed=True)  # a link into configs/ is where it points
+    check_config_path(str(secret), deployed=False)  # the command line reads what its user names
+    monkeypatch.setenv("PICORL_CONFIG_DIR", str(tmp_path))
+    check_config_path(str(secret), deployed=True)

@@ -2,8 +2,10 @@
 machines (picorl/parallel.py) meet through torchrun's rendezvous."""
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,119 @@ def test_a_resumed_run_publishes_its_chunks_as_live_again(tmp_path):
     publish(folder, {"rdzv_id": "r-2-cd"})
     assert not folder.nodes_done.exists()
     assert json.loads(folder.chunk_request("r-2-cd").read_text()) == {"rdzv_id": "r-2-cd"}
+
+
+GOOD_REQUEST = {"chunk": {"stage": 0, "start": 0, "end": 2, "eval_after": False}, "rdzv_id": "r-0-ab",
+                "nproc_per_node": 1, "nnodes": 2, "endpoint": "head:29500"}
+
+
+def _request_file(out, run, request, raw=None):
+    folder = out / run / "nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    (out / run / "config.yaml").write_text("{}")
+    path = folder / f"{request['rdzv_id'] if isinstance(request, dict) and isinstance(request.get('rdzv_id'), str) else 'x'}.request.json"
+    path.write_text(raw if raw is not None else json.dumps(request))
+    return path
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"rdzv_id": None}, "rdzv_id=None"),
+    ({"rdzv_id": [1, 2]}, "rdzv_id=[1, 2]"),
+    ({"rdzv_id": "../../etc"}, "rdzv_id='../../etc'"),
+    ({"nnodes": None}, "nnodes=None"),
+    ({"nnodes": 1}, "nnodes=1: expected a whole number in [2, 4096]"),
+    ({"nnodes": True}, "nnodes=True"),
+    ({"nproc_per_node": 10**6}, "nproc_per_node=1000000"),
+    ({"nproc_per_node": "2"}, "nproc_per_node='2'"),
+    ({"endpoint": "head"}, "endpoint='head': expected host:port"),
+    ({"endpoint": "head:1; rm -rf ~"}, "expected host:port"),
+    ({"chunk": 5}, "chunk=5: expected null (SFT)"),
+    ({"chunk": {"stage": 0, "start": 4, "end": 2, "eval_after": False}}, "end=2: expected a whole number in [5,"),
+    ({"chunk": {"stage": 0, "start": 0, "end": 2, "eval_after": "yes"}}, "chunk.eval_after='yes'"),
+])
+def test_join_refuses_a_request_field_by_field(tmp_path, change, says):
+    from picorl.parallel import BadRequest, read_request
+    request = {**GOOD_REQUEST, **change}
+    path = _request_file(tmp_path, "run1", GOOD_REQUEST, raw=json.dumps(request))
+    with pytest.raises(BadRequest, match=re.escape(says)):
+        read_request(path)
+
+
+def test_join_reads_only_small_regular_files_of_a_run_folder(tmp_path):
+    from picorl.parallel import MAX_REQUEST_BYTES, BadRequest, read_request
+    good = _request_file(tmp_path, "run1", GOOD_REQUEST)
+    assert read_request(good) == GOOD_REQUEST
+    nodes = good.parent
+    fifo = nodes / "f.request.json"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    with pytest.raises(BadRequest, match="not a regular file"):
+        read_request(fifo)
+    link = nodes / "z.request.json"
+    link.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(BadRequest, match="a symlink"):
+        read_request(link)
+    big = nodes / "big.request.json"
+    big.write_text(" " * (MAX_REQUEST_BYTES + 1))
+    with pytest.raises(BadRequest, match="bytes, over the"):
+        read_request(big)
+    for raw, says in (("[1, 2]", "not a JSON object"), ('{"rdzv_id"', "not JSON"),
+                      (json.dumps({**GOOD_REQUEST, "rdzv_id": "other"}), "does not match the file's name")):
+        (nodes / "r-0-ab.request.json").write_text(raw)
+        with pytest.raises(BadRequest, match=re.escape(says)):
+            read_request(good)
+    (nodes / "r-0-ab.request.json").write_text(json.dumps(GOOD_REQUEST))
+    (tmp_path / "run1" / "config.yaml").unlink()
+    with pytest.raises(BadRequest, match="has no config.yaml"):
+        read_request(good)
+
+
+def test_join_skips_bad_and_stale_requests_and_runs_the_live_one(tmp_path, monkeypatch):
+    # Three runs share the folder: one with a garbled request, one whose head was killed (its
+    # request has not been touched for an hour), one live. torchrun is replaced by a command
+    # that records which request it was given, so the test sees what join would have run.
+    from picorl import parallel
+    _request_file(tmp_path, "a-garbled", GOOD_REQUEST, raw='{"chunk": 5}')
+    stale = _request_file(tmp_path, "b-stale", {**GOOD_REQUEST, "rdzv_id": "stale-1"})
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    _request_file(tmp_path, "c-live", {**GOOD_REQUEST, "rdzv_id": "live-1"})
+    ran = tmp_path / "ran.txt"
+    monkeypatch.setattr(parallel, "torchrun_command", lambda run_dir, request: [
+        sys.executable, "-c", f"open({str(ran)!r}, 'a').write({request['rdzv_id']!r} + '\\n')"])
+    (tmp_path / "c-live" / "nodes" / "done").touch()  # the live run is over once its chunk ran
+    lines = []
+    assert parallel.join(tmp_path, once=True, poll_s=0.01, log=lines.append) == 0
+    assert ran.read_text() == "live-1\n"
+    assert any("a-garbled" in x and "skipping" in x and "rdzv_id=None" in x for x in lines), lines
+    assert any("b-stale" in x and "not touched for over 60 s" in x for x in lines), lines
+
+
+def test_a_stale_request_that_starts_changing_again_is_joined(tmp_path):
+    from picorl.parallel import is_live
+    now = 10_000.0
+    # Written an hour ago by this clock and never seen to change: stale.
+    assert not is_live(now - 3600, now, (now - 3600, now - 5, False), 60)
+    # The same file seen to change 5 s ago (a head whose clock is an hour behind): live.
+    assert is_live(now - 3590, now, (now - 3590, now - 5, True), 60)
+    assert is_live(now - 1, now, (now - 1, now - 1, False), 60)
+
+
+def test_the_head_touches_its_request_while_the_chunk_runs(tmp_path, monkeypatch):
+    import threading
+
+    from picorl import parallel
+    path = tmp_path / "r.request.json"
+    path.write_text("{}")
+    os.utime(path, (0, 0))
+    monkeypatch.setattr(parallel, "HEARTBEAT_S", 0.01)
+    stop = threading.Event()
+    beat = threading.Thread(target=parallel._heartbeat, args=(path, stop))
+    beat.start()
+    deadline = time.time() + 30
+    while path.stat().st_mtime == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    beat.join(30)
+    assert path.stat().st_mtime > 0 and not beat.is_alive()
 
 
 def test_join_needs_the_shared_output_folder(tmp_path):

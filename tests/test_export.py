@@ -42,8 +42,12 @@ def test_export_holds_report_final_eval_adapter_and_timings(finished_run, tmp_pa
     out = tmp_path / "results" / "smoke"
     assert main(["export", "--run-dir", str(finished_run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "curves.png", "final_eval.jsonl",
-                                                     "report.md", "run.json"]
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+                                                     "report.md", "run.json", "sft_adapter", "sft_eval.jsonl"]
+    for a in ("adapter", "sft_adapter"):
+        assert sorted(p.name for p in (out / a).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The baseline is the run's own step 0: pruning keeps it, and the export ships it as it is.
+    assert (out / "sft_adapter" / "adapter_model.safetensors").read_bytes() == (
+        finished_run / "checkpoints" / "step_0" / "adapter" / "adapter_model.safetensors").read_bytes()
     last = json.loads((finished_run / "evals" / "step_4.json").read_text())
     items = data.read_jsonl(out / "final_eval.jsonl")
     assert len(items) == 3 * 4 and [i["completion"] for i in items] == [i["completion"] for i in last["items"]]
@@ -51,6 +55,15 @@ def test_export_holds_report_final_eval_adapter_and_timings(finished_run, tmp_pa
     run = json.loads((out / "run.json").read_text())
     assert run["step"] == 4 and run["n"] == {"d3": 4, "d5": 4, "d6": 4}
     assert run["exact"]["d6"] == last["by_difficulty"]["6"]["exact"]
+    first = json.loads((finished_run / "evals" / "step_0.json").read_text())
+    sft_items = data.read_jsonl(out / "sft_eval.jsonl")
+    assert [i["completion"] for i in sft_items] == [i["completion"] for i in first["items"]]
+    for d in (3, 5, 6):  # gained and lost, counted here item by item
+        pairs = [(b["exact"], a["exact"]) for b, a in zip(first["items"], last["items"]) if b["difficulty"] == d]
+        change = run["change"][f"d{d}"]
+        assert (change["gained"], change["lost"], change["n"]) == (
+            sum(a > b for b, a in pairs), sum(a < b for b, a in pairs), 4)
+        assert change["before"] == run["sft_exact"][f"d{d}"] == first["by_difficulty"][str(d)]["exact"]
     # Every step was timed on this machine, the failed eval try included.
     timings = pipeline.read_timings(finished_run)
     assert [t["task"] for t in timings].count("grpo") == 2 and [t["ok"] for t in timings].count(False) == 1
@@ -78,6 +91,13 @@ def test_export_fresh_evaluates_the_adapter_on_strings_no_run_generated(finished
     assert [(i["string"], i["letters"]) for i in items] == [(r["string"], r["letters"]) for r in expected]
     run = json.loads((out / "run.json").read_text())
     assert run["fresh_n"] == 3 and set(run["fresh_exact"]) == {"d3", "d5", "d6"}
+    # The after-SFT adapter answers the same fresh items, so the two compare item by item.
+    sft_items = data.read_jsonl(out / "sft_fresh_eval.jsonl")
+    assert [(i["string"], i["letters"]) for i in sft_items] == [(i["string"], i["letters"]) for i in items]
+    for d in (3, 5, 6):
+        pairs = [(b["exact"], a["exact"]) for b, a in zip(sft_items, items) if b["difficulty"] == d]
+        assert run["fresh_change"][f"d{d}"]["gained"] == sum(a > b for b, a in pairs)
+        assert run["fresh_change"][f"d{d}"]["before"] == run["sft_fresh_exact"][f"d{d}"]
     assert run["fresh_exact"]["d3"] == sum(i["exact"] for i in items[:3]) / 3
 
 

@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -127,9 +128,24 @@ def test_stopped_run_resumes_where_it_stopped(store, monkeypatch):
     pid = failed.info.run_id
     assert steps(client, pid, "train/reward_mean") == [1, 2]
     monkeypatch.delenv("PICORL_FAULT")
+    # A config.yaml edited since the run started is refused, naming the key; the run stays as it was.
+    from picorl.config import ConfigError
+    from picorl.run_folder import RunFolder
+    config = RunFolder(failed.data.tags["picorl.run_dir"]).config
+    started = config.read_text()
+    edited = yaml.safe_load(started)
+    edited["stages"][0]["updates"] = 50
+    config.write_text(yaml.safe_dump(edited))
+    with pytest.raises(ConfigError, match=r"config.yaml was edited after the run started: stages.0.updates \(2 -> 50\)"):
+        run_flow(tmp, resume=pid)
+    assert client.get_run(pid).info.status == "FAILED"
+    config.write_text(started)
     out = run_flow(tmp, resume=pid)
     assert out["parent_run_id"] == pid
     assert client.get_run(pid).info.status == "FINISHED"
+    # A finished run is not resumed again (that would only re-report and re-register it).
+    with pytest.raises(ConfigError, match="that run is finished"):
+        run_flow(tmp, resume=pid)
     assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
     assert steps(client, pid, "sft/loss") == [1, 2, 3]
     assert steps(client, pid, "eval/acc_d3") == [0, 2, 4]
@@ -197,6 +213,25 @@ def test_exported_mlflow_records_open_from_any_folder(store):
     assert json.loads((moved / "run.json").read_text())["step"] == 4
 
 
+@pytest.mark.parametrize("tasks,says", [
+    ("banana", "expected a list of tasks"),
+    ({"string": "banana", "letters": ["a"]}, "expected a list of tasks"),
+    ([{"string": "banana"}], "task 0: expected {'string': ..., 'letters': [...]}"),
+    ([{"string": "ab", "letters": ["a"]}, {"string": 5, "letters": ["a"]}], "task 1: 'string' must be a non-empty string, got 5"),
+    ([{"string": "banana", "letters": []}], "task 0: 'letters' must be a non-empty list"),
+    ([{"string": "banana", "letters": ["an"]}], "'letters' must be a non-empty list of distinct single characters"),
+    ([{"string": "banana", "letters": ["a", "a"]}], "distinct single characters"),
+])
+def test_a_served_model_names_the_task_it_cannot_answer(tasks, says):
+    import re
+
+    from picorl.serving import check_tasks
+    with pytest.raises(ValueError, match=re.escape(says)):
+        check_tasks(tasks)
+    assert check_tasks([{"string": "banana", "letters": ("a", "n"), "answer": {}}]) == [
+        {"string": "banana", "letters": ["a", "n"]}]
+
+
 def test_the_final_weights_are_registered_and_served_by_mlflows_loader(store, monkeypatch):
     import json
 
@@ -211,6 +246,14 @@ def test_the_final_weights_are_registered_and_served_by_mlflows_loader(store, mo
     model = mlflow.pyfunc.load_model("models:/picorl-smoke/1")
     (answer,) = model.predict([{"string": "banana", "letters": ["a", "n"]}], params={"max_tokens": 8})
     assert isinstance(answer["completion"], str) and answer["completion"] and "prediction" in answer
+    # max_tokens reaches predict (a params schema): fewer tokens cut the same greedy answer short.
+    (short,) = model.predict([{"string": "banana", "letters": ["a", "n"]}], params={"max_tokens": 2})
+    assert answer["completion"].startswith(short["completion"]) and len(short["completion"]) < len(answer["completion"])
+    # Input that is not a list of {string, letters} tasks is refused with a message, not a traceback deep inside.
+    for bad in ("banana", [{"string": 5, "letters": ["a"]}], [{"string": "banana"}], [{"string": "banana", "letters": []}]):
+        with pytest.raises(Exception) as e:
+            model.predict(bad)
+        assert not isinstance(e.value, (AttributeError, KeyError, TypeError)), repr(e.value)
     # The served model is the run's final model: its greedy answers are the final eval's.
     last = json.loads((Path(out["run_dir"]) / "evals" / "step_4.json").read_text())["items"][:2]
     got = model.predict([{"string": i["string"], "letters": i["letters"]} for i in last], params={"max_tokens": 8})
@@ -218,6 +261,9 @@ def test_the_final_weights_are_registered_and_served_by_mlflows_loader(store, mo
     # `picorl eval` takes the registry URI as its model.
     src = tmp / "in.jsonl"
     data.write_jsonl([{k: i[k] for k in ("string", "letters", "answer")} for i in last], src)
+    import tempfile
+    downloads = set(Path(tempfile.gettempdir()).glob("picorl-registered-*"))
     assert main(["eval", "--model", "models:/picorl-smoke/1", "--data", str(src), "--out", str(tmp / "o.jsonl"),
                  "--max-tokens", "8"]) == 0
     assert [r["completion"] for r in data.read_jsonl(tmp / "o.jsonl")] == [i["completion"] for i in last]
+    assert set(Path(tempfile.gettempdir()).glob("picorl-registered-*")) == downloads  # the download is not left behind

@@ -100,7 +100,7 @@ def test_outage_past_the_limit_fails_cleanly_then_resumes(server, prefect_server
     from tasks.pipeline_tasks import TrackingOutage
     pipeline.clear_sessions()
     wrap_chunks(monkeypatch, {0: server.stop})
-    with pytest.raises(TrackingOutage, match=r"unreachable for .*\(run.tracking_outage_s=2\)"):
+    with pytest.raises(TrackingOutage, match=r"could not take the run.s records for .*\(run.tracking_outage_s=2;"):
         train(config_path=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}", "run.tracking_outage_s=2",
                                             "run.retries=0"])
     (run_dir,) = (tmp_path / "out").iterdir()
@@ -112,6 +112,39 @@ def test_outage_past_the_limit_fails_cleanly_then_resumes(server, prefect_server
     out = train(config_path=SMOKE, resume=parent.info.run_id)
     assert steps(c, out["parent_run_id"], "train/reward_mean") == [1, 2, 3, 4]
     assert steps(c, out["parent_run_id"], "eval/acc_d3") == [0, 2, 4]
+
+
+def test_a_full_artifact_store_is_an_outage_not_a_failed_run(tmp_path, monkeypatch, capsys):
+    # MLflow's own database works, but its artifact folder is on a full disk: delivery waits,
+    # training goes on, and what the folder holds is delivered once there is room.
+    import errno
+
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.tracking import MlflowClient
+
+    from picorl import pipeline
+    from picorl.config import load_config
+    from tasks import tracking
+    from tasks.pipeline_tasks import TrackingOutage, deliver
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(SMOKE, [])
+    run_dir = tmp_path / "run"
+    pipeline.prepare_run_dir(cfg, run_dir)
+    pipeline.build_data(cfg, run_dir)
+    run = {"run_dir": str(run_dir), "parent_run_id": tracking.open_parent_run(cfg, run_dir, run_dir / "config.yaml", "t")}
+
+    def disk_full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as full:
+        full.setattr(LocalArtifactRepository, "log_artifact", disk_full)
+        assert deliver(run, cfg) is False
+        out = capsys.readouterr().out
+        assert "training goes on" in out and "No space left on device" in out
+        with pytest.raises(TrackingOutage, match=r"run.tracking_outage_s=0; last error: OSError: \[Errno 28\] No space"):
+            deliver(run, load_config(SMOKE, ["run.tracking_outage_s=0"]))
+    assert deliver(run, cfg) is True
+    arts = {a.path for a in MlflowClient().list_artifacts(run["parent_run_id"], "data")}
+    assert arts == {"data/manifest.json", "data/sample.jsonl"}
 
 
 def test_non_finite_updates_in_a_row_stop_with_a_checkpoint(tmp_path, monkeypatch):
@@ -182,7 +215,8 @@ def test_the_cli_creates_a_prefect_home_two_folders_deep(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a service manager; a closed terminal
+def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
     import time
 
     from mlflow.tracking import MlflowClient
@@ -202,8 +236,8 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path):
         while not marker.exists():
             assert p.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
             time.sleep(0.2)
-        p.send_signal(signal.SIGTERM)  # to the CLI alone, as a service manager would
-        assert p.wait(120) == 143, (tmp_path / "train.log").read_text()[-3000:]
+        p.send_signal(signum)  # to the CLI alone, as a service manager or a terminal would
+        assert p.wait(120) == 128 + signum, (tmp_path / "train.log").read_text()[-3000:]
         text = (tmp_path / "train.log").read_text()
         assert "picorl train: terminated" in text and "Traceback" not in text
         assert "starting Prefect's local API server" in text

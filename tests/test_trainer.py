@@ -1,5 +1,8 @@
 """GRPO updates on a tiny random Llama: learning, skipping, micro-batching, checkpoints."""
 import math
+import os
+import random
+import re
 
 import pytest
 import torch
@@ -158,6 +161,82 @@ def test_checkpoints_are_atomic_and_pruned(tokenizer, tmp_path, monkeypatch):
     assert info["step"] == 3 and "optimizer" in state
 
 
+def test_a_checkpoint_that_fills_the_disk_says_so_and_names_the_folder(tokenizer, tmp_path, monkeypatch):
+    # What torch.save raises when the disk fills mid-write names neither the cause nor the folder.
+    import collections
+    trainer, _ = make(tokenizer)
+    checkpoint.save_checkpoint(tmp_path, 1, trainer.model, trainer.state_dict())
+
+    def torn_write(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 5120 vs 5014")
+    monkeypatch.setattr(checkpoint.torch, "save", torn_write)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 4096))
+    with pytest.raises(OSError, match=rf"No space left on the disk of {re.escape(str(tmp_path))} for checkpoint "
+                                      r"step_2 \(0.0 MiB free; the write said: \[enforce fail.*unexpected pos"):
+        checkpoint.save_checkpoint(tmp_path, 2, trainer.model, trainer.state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
+    # With room on the disk the same error is what it is, not a full disk.
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10 << 30, 0, 10 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        checkpoint.save_checkpoint(tmp_path, 2, trainer.model, trainer.state_dict())
+
+
+def _damage_truncate(f):
+    os.truncate(f, 100)
+
+
+def _damage_random_bytes(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = random.Random(0).randbytes(64)
+    f.write_bytes(bytes(data))
+
+
+def _damage_tear(f):
+    f.write_bytes(f.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("name,damage,says", [
+    ("adapter/adapter_model.safetensors", _damage_truncate, "header length"),
+    ("trainer_state.pt", _damage_random_bytes, "CRC"),
+    ("trainer_state.pt", _damage_truncate, "not a readable torch.save archive"),
+    ("state.json", _damage_tear, "not JSON"),
+    ("history.jsonl", _damage_tear, "line 3: not JSON"),
+])
+def test_a_damaged_checkpoint_is_skipped_naming_its_file(tokenizer, tmp_path, capsys, name, damage, says):
+    trainer, _ = make(tokenizer)
+    history = [{"step": i} for i in range(3)]
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, trainer.model, trainer.state_dict(), history=history)
+    assert checkpoint.checkpoint_damage(tmp_path / "step_2") is None
+    damage(tmp_path / "step_2" / name)
+    why = checkpoint.checkpoint_damage(tmp_path / "step_2")
+    assert name in why and says in why, why
+    # The resume point falls back to step_1, and the warning (once) names the bad file.
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_1"
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_1"
+    err = capsys.readouterr().err
+    assert err.count("is damaged and skipped") == 1 and name in err
+    with pytest.raises(checkpoint.CheckpointDamaged, match=re.escape(name)):
+        checkpoint.load_checkpoint(tmp_path / "step_2", trainer.model)
+    checkpoint.load_checkpoint(tmp_path / "step_1", trainer.model)
+    # Writing step 2 again replaces the damaged copy.
+    checkpoint.save_checkpoint(tmp_path, 2, trainer.model, trainer.state_dict(), history=history)
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_2"
+
+
+def test_a_pickled_trainer_state_is_refused_as_unsafe_not_as_damage(tokenizer, tmp_path):
+    trainer, _ = make(tokenizer)
+    folder = checkpoint.save_checkpoint(tmp_path, 1, trainer.model, {"obj": PickledThing()})
+    assert checkpoint.checkpoint_damage(folder) is None  # a sound archive
+    with pytest.raises(RuntimeError, match="needs unpickling arbitrary objects"):
+        checkpoint.load_checkpoint(folder, trainer.model)
+
+
+class PickledThing:
+    pass
+
+
 def test_full_weights_checkpoint_round_trip(tokenizer, tmp_path):
     trainer, _ = make(tokenizer, lora=False)
     trainer.update(RECORDS)
@@ -299,3 +378,73 @@ def test_overlong_filter_and_penalty_reach_the_update(tokenizer):
             assert x.truncated == (not c.finished)
             assert x.length == len(c.token_ids)
             assert x.reward == pytest.approx((1.0 if x.correct else 0.0) - len(c.token_ids) / 3)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_head_logprobs_and_gradients_equal_the_whole_logits(tokenizer, shared):
+    # grpo.logprob_chunk: the completion positions go through the output head 3 at a time (a
+    # chunk that divides nothing here) and no (positions x vocab) logits are held. In float64
+    # the two ways differ only in summation order: the bound of the test above (1e-9 relative)
+    # holds with the same margin. The head is the tied embedding, so its gradient (none under
+    # LoRA) is checked too with every weight trainable.
+    from picorl.batching import pad_batch
+    from picorl.grpo import shared_prefix_logprobs, token_logprobs
+    model = add_lora(float64_norms(tiny_llama(len(tokenizer), initializer_range=0.3)), rank=4, alpha=8).double()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [14, 15, 16]]
+    completions = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29], [30, 31]]
+    owner = [0, 0, 1, 2, 2]
+    seqs = [prompts[o] + c for c, o in zip(completions, owner)]
+    masks = [[0] * len(prompts[o]) + [1] * len(c) for c, o in zip(completions, owner)]
+
+    def run(chunk):
+        model.zero_grad()
+        if shared:
+            lp, m = shared_prefix_logprobs(model, prompts, completions, owner, tokenizer.pad_token_id, chunk=chunk)
+        else:
+            lp, m = token_logprobs(model, *pad_batch(seqs, masks, tokenizer.pad_token_id, "cpu"), chunk=chunk)
+        (lp * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]).sum().backward()
+        return lp.detach(), m, [p.grad.clone() for p in model.parameters()]
+
+    whole, m_whole, g_whole = run(0)
+    chunked, m_chunked, g_chunked = run(3)
+    assert torch.equal(m_whole.float(), m_chunked.float()) and chunked.dtype == torch.float64
+    assert (chunked - whole).abs().max() <= 1e-9 * whole.abs().max()
+    assert ((chunked == 0) == (m_whole == 0)).all()  # padding is 0, as the whole-logits path gives
+    for a, b in zip(g_chunked, g_whole):
+        assert (a - b).norm() <= 1e-9 * b.norm() + 1e-12
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_chunked_head_logprobs_match_gradcheck_and_repeat_bit_for_bit():
+    from picorl.head_logprobs import selected_logprobs
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    ref = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(selected_logprobs(hidden, weight, targets, 2), ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h, w: selected_logprobs(h, w, targets, 3), (hidden, weight))
+    # float32, twice: the same bits (chunks run in a fixed order), so a resumed run stays exact.
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    outs = []
+    for _ in range(2):
+        h32.grad = w32.grad = None
+        out = selected_logprobs(h32, w32, targets, 3)
+        out.sum().backward()
+        outs.append((out.detach(), h32.grad.clone(), w32.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        selected_logprobs(hidden, weight, targets, 0)
+
+
+def test_a_head_that_is_not_a_plain_matrix_takes_the_whole_logits(tokenizer):
+    from picorl.head_logprobs import plain_head
+    model = tiny_llama(len(tokenizer))
+    assert plain_head(model) is model.get_output_embeddings().weight
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    assert plain_head(model) is None
+    model = tiny_llama(len(tokenizer))
+    model.config.final_logit_softcapping = 30.0
+    assert plain_head(model) is None
