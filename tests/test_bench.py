@@ -129,7 +129,8 @@ def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_t
     rows = plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["base", "no_curriculum", "full_ft", "direct"])
     assert rows["base"]["sets"] == []
     assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 50}]']  # 10 + 40 updates
-    assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=5e-06"]
+    # full fine-tuning at a tenth of the LoRA rates (gpu.yaml: sft.lr 1e-3, grpo.lr 3e-4)
+    assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=3e-05"]
     assert list(plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["full_ft", "base", "full_ft"])) == ["full_ft", "base"]
     one_stage = tmp_path / "direct.yaml"
     one_stage.write_text("sft: {style: direct}\nstages:\n  - {difficulty: 3, updates: 4}\n")
@@ -233,3 +234,12 @@ def test_gpu_session_dry_run_goes_end_to_end_and_writes_no_result(tmp_path):
     assert (export / "run.json").is_file() and (export / "fresh_eval.jsonl").is_file()
     after = sorted(p.name for p in (ROOT / "results").iterdir()), sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
     assert after == before
+
+
+def test_logprobs_bench_runs_both_ways_in_their_own_processes(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench.logprobs", "--model", "tiny-random-llama", "--tasks", "2",
+                          "--k", "2", "--max-tokens", "4", "--chunk", "3", "--repeats", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| whole") or line.startswith("| chunked")]
+    assert len(rows) == 2 and "x lower chunked" in out.stdout and "wrote" not in out.stdout

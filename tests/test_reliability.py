@@ -143,7 +143,7 @@ def test_a_full_artifact_store_is_an_outage_not_a_failed_run(tmp_path, monkeypat
         with pytest.raises(TrackingOutage, match=r"run.tracking_outage_s=0; last error: OSError: \[Errno 28\] No space"):
             deliver(run, load_config(SMOKE, ["run.tracking_outage_s=0"]))
     assert deliver(run, cfg) is True
-    arts = {a.path for a in MlflowClient().list_artifacts(run["parent_run_id"], "data")}
+    arts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run["parent_run_id"], "data")}
     assert arts == {"data/manifest.json", "data/sample.jsonl"}
 
 
