@@ -129,8 +129,8 @@ def checkpoint_damage(folder: str | Path) -> str | None:
     Reads each file once per version (size and mtime): the archive's CRCs cover the trainer
     state; the weights' framing and every JSON file are parsed."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    key = (str(folder), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    stats = [(str(p), p.stat()) for p in sorted(folder.rglob("*")) if p.is_file()]
+    key = (str(folder), tuple((p, st.st_size, st.st_mtime_ns) for p, st in stats))
     if key not in _SOUND:
         _SOUND[key] = _damage(folder)
     return _SOUND[key]
@@ -288,7 +288,7 @@ def load_checkpoint(folder: str | Path, model, allow_pickle: bool = False) -> tu
     that needs arbitrary unpickling is refused unless allow_pickle is set.
     """
     folder = Path(folder)
-    if not (folder / "state.json").is_file():
+    if not is_checkpoint(folder):
         raise FileNotFoundError(f"not a checkpoint: {folder} (state.json missing)")
     if why := checkpoint_damage(folder):
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: {why}")

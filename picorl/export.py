@@ -39,7 +39,6 @@ from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
 
 
-
 def final_eval(run_dir: Path, step: int | None = None) -> dict:
     """The eval of `step`, or the run's last one."""
     files = RunFolder(run_dir).eval_files()

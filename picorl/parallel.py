@@ -39,6 +39,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from picorl.config import RDZV_ENDPOINT
 from picorl.files import atomic_write_text
 from picorl.plan import Chunk
 from picorl.run_folder import RunFolder
@@ -48,7 +49,6 @@ HEARTBEAT_S = 10.0  # the head touches its request this often while the chunk ru
 STALE_S = 60.0  # a request unchanged for this long (its head died) is not joined
 MAX_REQUEST_BYTES = 64 * 1024  # a request is ~300 bytes
 _RDZV_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}:[0-9]{1,5}$")
 
 
 SFT = "sft"  # what a request's job is when it is not a chunk
@@ -171,7 +171,7 @@ def read_request(path: Path) -> dict:
     # several is published for others to join.
     _int_in(request, "nnodes", 2, 4096)
     endpoint = request.get("endpoint")
-    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+    if not isinstance(endpoint, str) or not RDZV_ENDPOINT.fullmatch(endpoint):  # the rule run.rdzv_endpoint passed
         raise BadRequest(f"endpoint={endpoint!r}: expected host:port")
     chunk = request.get("chunk", "missing")
     if chunk is not None:
