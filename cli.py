@@ -43,12 +43,33 @@ def check_out(path: str, force: bool) -> None:
         raise UsageError(f"--out {path}: folder {parent} is not writable")
 
 
+def env_from_args(args):
+    """The environment of --env and its --env-option KEY=VALUE settings (values read as YAML)."""
+    from picorl.config import ConfigError, parse_override
+    from picorl.envs import load_env
+    from picorl.envs.base import EnvError
+
+    try:
+        options = dict(parse_override(o) for o in args.env_option)
+        return load_env(args.env, options)
+    except (EnvError, ConfigError) as e:
+        raise UsageError(f"--env {args.env}: {e}") from None
+
+
+def add_env_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default="letter_counting",
+                   help="task environment: letter_counting, arithmetic, jsonl, or package.module:Class")
+    p.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the environment, e.g. --env-option path=tasks.jsonl (repeatable)")
+
+
 def cmd_gen(args) -> None:
     from picorl import data
 
     check_out(args.out, args.force)
+    env = env_from_args(args)
     try:
-        records = data.generate(args.split, args.difficulty, args.n, args.seed)
+        records = data.generate(args.split, args.difficulty, args.n, args.seed, env)
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
@@ -56,7 +77,7 @@ def cmd_gen(args) -> None:
     except OSError as e:
         raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
     print(json.dumps({"out": args.out, "n": len(records), "difficulty": args.difficulty,
-                      "split": args.split, "seed": args.seed}))
+                      "split": args.split, "seed": args.seed, "env": env.name}))
 
 
 def cmd_eval(args) -> None:
@@ -66,8 +87,9 @@ def cmd_eval(args) -> None:
     for flag in ("max_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    env = env_from_args(args)
     try:
-        records = data.read_jsonl(args.data)
+        records = data.read_jsonl(args.data, env)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     try:
@@ -87,7 +109,7 @@ def cmd_eval(args) -> None:
         raise UsageError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
                          f"{context} tokens; it must be below {context}")
     summary, items = evaluate.evaluate_records(model, tok, records, max_tokens=args.max_tokens,
-                                               batch_size=args.batch_size)
+                                               batch_size=args.batch_size, env=env)
     try:
         data.write_jsonl(items, args.out)
     except OSError as e:
@@ -281,13 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picorl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("gen", help="write letter-counting tasks as JSONL")
-    g.add_argument("--difficulty", type=int, required=True, help="tier 1-10")
+    g = sub.add_parser("gen", help="write an environment's tasks as JSONL (letter counting by default)")
+    g.add_argument("--difficulty", type=int, required=True, help="tier of the environment (letter_counting: 1-10)")
     g.add_argument("--n", type=int, required=True, help="number of tasks (>= 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split", choices=["train", "eval", "fresh"], default="train",
                    help="train: never repeats a held-out string; eval: the fixed held-out set (seed 1234); "
-                        "fresh: strings the pipeline never generates, asked letters drawn uniformly")
+                        "fresh: items the pipeline never generates (letter_counting: asked letters drawn uniformly)")
+    add_env_args(g)
     g.add_argument("--out", required=True, help="output .jsonl path (a new file; see --force)")
     g.add_argument("--force", action="store_true", help="replace --out if it is an existing file")
     g.set_defaults(func=cmd_gen)
@@ -296,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m-instruct",
                    help="model name or folder, or a registered model models:/<name>/<version>")
     e.add_argument("--adapter", default=None, help="LoRA adapter folder (adapter_config.json + safetensors)")
-    e.add_argument("--data", required=True, help="JSONL with string, letters, answer per line")
+    e.add_argument("--data", required=True, help="JSONL of the environment's records (letter_counting: string, "
+                                                 "letters, answer per line)")
+    add_env_args(e)
     e.add_argument("--out", required=True, help="JSONL of the input records with completion and prediction")
     e.add_argument("--force", action="store_true", help="replace --out if it is an existing file")
     e.add_argument("--max-tokens", type=int, default=512)

@@ -37,7 +37,7 @@ from picorl import data
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.data import messages_of
-from picorl.envs.letter_counting import grade
+from picorl.envs import default_env, env_of
 from picorl.files import atomic_write_text
 from picorl.evaluate import evaluate_records, paired_change
 from picorl.models import load_for_config
@@ -59,11 +59,13 @@ ARMS = {
 }
 
 
-def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_tokens: int, seed: int) -> dict:
+def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_tokens: int, seed: int,
+                 env=None) -> dict:
     """Mean fraction of k samples exactly right (sampled accuracy) and pass@k, per item and overall."""
-    groups = engine.generate([messages_of(r) for r in records], k,
+    env = env or default_env()
+    groups = engine.generate([messages_of(r, env) for r in records], k,
                              Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed))
-    per_item = [[grade(c.text, r["letters"], r["answer"])["exact"] for c in grp] for r, grp in zip(records, groups)]
+    per_item = [[float(env.grade(c.text, r).exact) for c in grp] for r, grp in zip(records, groups)]
     n = len(records)
     return {"k": k, "temperature": temperature, "sampled_exact": sum(sum(x) / k for x in per_item) / n,
             "pass_at_k": sum(max(x) for x in per_item) / n, "per_item": [sum(x) for x in per_item]}
@@ -72,15 +74,16 @@ def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_to
 def sampled(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     """sampled_eval through the config's rollout engine, at its temperature and eval.max_tokens."""
     return sampled_eval(engine_for_config(cfg, model, tok, progress=False), records, k, cfg.rollout.temperature,
-                        cfg.eval.max_tokens, seed)
+                        cfg.eval.max_tokens, seed, env_of(cfg))
 
 
 def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     """Greedy items (exact per item, completion) and the sampled figures on the eval records."""
     greedy_engine = eval_engine(cfg, model, tok, progress=False)
-    summary, items = evaluate_records(model, tok, records, max_tokens=cfg.eval.max_tokens, engine=greedy_engine)
-    out = {"greedy": summary, "items": [{k_: i[k_] for k_ in ("string", "letters", "exact", "formatted", "completion")}
-                                        for i in items]}
+    summary, items = evaluate_records(model, tok, records, max_tokens=cfg.eval.max_tokens, engine=greedy_engine,
+                                      env=env_of(cfg))
+    out = {"greedy": summary, "items": [{k_: v for k_, v in i.items() if k_ not in ("difficulty", "answer", "prediction",
+                                                                                   "partial")} for i in items]}
     if k > 1:
         out["sampled"] = sampled(model, tok, cfg, records, k, seed)
     return out
@@ -155,8 +158,9 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    eval_set = data.eval_records(args.eval_difficulty, args.eval_size)
-    train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed) for d in range(1, 11)
+    env = env_of(base)
+    eval_set = data.eval_records(args.eval_difficulty, args.eval_size, env=env)
+    train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed, env=env) for d in env.tiers
                   if any(d in Curriculum.for_stage(s).reachable() for s in base.stages)}
     out = {"machine": machine(), "config": {"config": args.config, "sets": args.set}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
@@ -165,16 +169,20 @@ def main() -> int:
     kept = earlier_rows(results_dir / f"{stem}.json", out, set(args.arms))
 
     model, tok = load_for_config(base)  # the seeded adapter
-    sft_records = [r for d in base.sft.difficulties for r in data.train_records(d, base.data.train_size, seed=base.data.seed)]
+    sft_records = [r for d in base.sft.difficulties
+                   for r in data.train_records(d, base.data.train_size, seed=base.data.seed, env=env)]
     params = [p for p in model.parameters() if p.requires_grad]
     sft_opt = torch.optim.AdamW(params, lr=base.sft.lr, weight_decay=0.0)
     sft_kw = dict(style=base.sft.style, batch_size=base.sft.batch_size, lr=base.sft.lr, seed=base.run.seed,
-                  group_by_length=base.sft.group_by_length, optimizer=sft_opt, progress=False)
+                  group_by_length=base.sft.group_by_length, optimizer=sft_opt, progress=False, env=env)
     # The SFT start is kept on disk, keyed by what it depends on, so arms run in several
     # processes (or sessions) start from the same weights without paying for SFT again.
     key = hashlib.sha256(json.dumps([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed,
                                      to_dict(base.eval), base.rollout.engine, base.rollout.temperature,
-                                     args.eval_difficulty, args.eval_size], sort_keys=True).encode()).hexdigest()[:12]
+                                     args.eval_difficulty, args.eval_size]
+                                    # another environment's start is another start (letter counting's keys stay)
+                                    + ([to_dict(base.env)] if base.env.name != "letter_counting" else []),
+                                    sort_keys=True).encode()).hexdigest()[:12]
     start_dir = Path(args.start_dir) / key
     if (start_dir / "start.json").is_file():
         saved = torch.load(start_dir / "weights.pt", weights_only=True)

@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--styles", nargs="+", default=["base", "direct", "cot"],
-                    help="rows to measure: base and any of picorl.sft.STYLES; rows of an earlier run with "
+                    help="rows to measure: base and any of the letter_counting demonstration styles; rows of an earlier run with "
                          "the same settings are kept")
     args = ap.parse_args()
 

@@ -19,11 +19,13 @@ from tasks.evaluation import adapter_of_run, evaluate_model, log_evaluation
 def evaluate_flow(model: str = models.EMBEDDED, adapter: str | None = None, run_id: str | None = None,
                   step: int | None = None, difficulties: list[int] = (3, 5, 6), size: int = 128,
                   max_tokens: int = 512, batch_size: int = 32, seed: int = data.EVAL_SEED,
-                  experiment: str = "picorl") -> dict:
+                  experiment: str = "picorl", env: str = "letter_counting", env_options: dict | None = None) -> dict:
+    """A run's checkpoint is evaluated on its own environment's tasks; a model or adapter on `env`'s."""
+    env_spec = {"name": env, "options": env_options or {}}
     if run_id:
-        model, adapter_path = adapter_of_run(run_id, step)
+        model, adapter_path, env_spec = adapter_of_run(run_id, step)
         adapter = str(adapter_path)
-    result = evaluate_model(model, adapter, list(difficulties), size, max_tokens, batch_size, seed)
+    result = evaluate_model(model, adapter, list(difficulties), size, max_tokens, batch_size, seed, env_spec)
     rid = log_evaluation(result, experiment=experiment, model=model, adapter=adapter,
                          of=run_id or adapter or model, step=step, size=size, seed=seed)
     summary = {d: s["exact"] for d, s in result["by_difficulty"].items()}

@@ -75,8 +75,14 @@ class ModelConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = knob("letter_counting", "The task: a built-in environment (letter_counting, arithmetic, jsonl) or package.module:Class for your own (picorl/envs/base.py).")
+    options: dict = knob({}, "Settings the environment takes (jsonl: path, match, ...); checked when it loads.")
+
+
+@dataclass
 class RewardConfig:
-    kind: str = knob("binary", "binary: 1 when every count is right, else 0. partial: the reference system's 0 / 0.1 + 0.9 x fraction right.")
+    kind: str = knob("binary", "binary: 1 when the answer is exactly right, else 0. partial: 0 unformatted, else 0.1 + 0.9 x the environment's fraction right (the reference system's).")
     format_bonus: float = knob(0.0, "Added to the reward of every well-formatted answer: a formatted wrong answer then beats an unformatted one.")
     overlong_buffer: int = knob(0, "DAPO's soft overlong penalty: the reward falls linearly to -1 over the last N tokens before rollout.max_tokens; 0 turns it off.")
 
@@ -91,8 +97,9 @@ class DataConfig:
 @dataclass
 class SFTConfig:
     enabled: bool = knob(True, "Run the SFT warmup before RL.")
-    style: str = knob("cot", "cot: spell the string out with a running tally, then answer. cot_tokens: the same, "
-                          "one line per token of the string. direct: the answer tag only.")
+    style: str = knob("cot", "Demonstration style, one the environment offers. letter_counting: cot (spell the string "
+                          "out with a running tally, then answer), cot_tokens (the same, one line per token of the "
+                          "string), direct (the answer tag only); arithmetic: cot (digit by digit), direct; jsonl: given.")
     steps: int = knob(50, "Optimizer steps of SFT.")
     batch_size: int = knob(8, "Demonstrations per SFT step.")
     lr: float = knob(5e-4, "SFT learning rate (LoRA): the peak, when a schedule warms up or decays it.")
@@ -141,12 +148,12 @@ class GRPOConfig:
 
 @dataclass
 class StageConfig:
-    difficulty: int = knob(1, "Difficulty the stage starts at (1-10).")
+    difficulty: int = knob(1, "Difficulty (tier of the environment) the stage starts at.")
     updates: int = knob(20, "Update budget of the stage.")
     promote_at: float | None = knob(None, "Move up a difficulty when the rolling fraction correct reaches this; null keeps it fixed.")
     demote_below: float | None = knob(None, "Move down a difficulty when the rolling fraction correct falls below this.")
     window: int = knob(32, "Tasks in the rolling window of the promotion rule.")
-    max_difficulty: int = knob(10, "Promotion never goes above this difficulty.")
+    max_difficulty: int = knob(10, "Promotion never goes above this difficulty (nor the environment's top tier).")
 
 
 @dataclass
@@ -178,6 +185,7 @@ class RunConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run identity and orchestration."})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "The task environment."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model and adapter."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Generated data sets."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward function."})
@@ -195,7 +203,6 @@ CHOICES = {
     "model.device": ("auto", "cpu", "cuda"),
     "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
-    "sft.style": ("cot", "cot_tokens", "direct"),
     "sft.lr_schedule": ("constant", "cosine", "linear"),
     "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
@@ -204,7 +211,7 @@ CHOICES = {
 _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
 _frac = (lambda v: 0 < v <= 1, "in (0, 1]")
-_diff = (lambda v: 1 <= v <= 10, "in 1-10")
+_diff = (lambda v: v >= 1, ">= 1 (tiers are numbered from 1)")
 RULES = {
     "model.lora.rank": _pos, "model.lora.alpha": _pos, "model.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "reward.format_bonus": _nonneg, "reward.overlong_buffer": _nonneg,
@@ -390,8 +397,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} must be {rule[1]}")
     for name in ("sft.difficulties", "eval.difficulties"):
         for d in flat[name]:
-            if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 10:
-                raise ConfigError(f"{name} holds {d!r}; difficulties must be integers in 1-10")
+            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+                raise ConfigError(f"{name} holds {d!r}; difficulties must be integers >= 1")
+    validate_env(cfg)  # difficulties against the environment's tiers, before the rules between them
     for i, s in enumerate(cfg.stages):
         for k in ("promote_at", "demote_below"):
             v = getattr(s, k)
@@ -423,6 +431,43 @@ def validate(cfg: Config) -> None:
                           f"{cfg.rollout.max_tokens}: the penalty's ramp ends at max_tokens")
     if cfg.eval.size > cfg.data.eval_size:
         raise ConfigError(f"eval.size={cfg.eval.size!r} must be <= data.eval_size={cfg.data.eval_size!r}")
+
+
+def validate_env(cfg: Config) -> None:
+    """Load the environment (its import and options checked) and hold every difficulty, the SFT
+    style and the eval size against what it has."""
+    from picorl.envs import load_env
+    from picorl.envs.base import EnvError, tier_range
+
+    if not isinstance(cfg.env.name, str) or not cfg.env.name:
+        raise ConfigError(f"env.name={cfg.env.name!r} must name an environment")
+    try:
+        env = load_env(cfg.env.name, cfg.env.options)
+    except EnvError as e:
+        raise ConfigError(str(e)) from None
+    tiers = f"in {tier_range(env)} (the tiers of {env.name})"
+    sft_on = cfg.sft.enabled and cfg.sft.steps > 0
+    for name in (["sft.difficulties"] if cfg.sft.enabled else []) + ["eval.difficulties"]:
+        for d in getattr(cfg, name.split(".")[0]).difficulties:
+            if d not in env.tiers:
+                raise ConfigError(f"{name} holds {d!r}; difficulties must be {tiers}")
+    for i, s in enumerate(cfg.stages):
+        if s.difficulty not in env.tiers:
+            raise ConfigError(f"stages.{i}.difficulty={s.difficulty!r} must be {tiers}")
+        if s.promote_at is not None and s.max_difficulty > env.top_tier:
+            raise ConfigError(f"stages.{i}.max_difficulty={s.max_difficulty!r} must be {tiers}: promotion "
+                              "climbs to it")
+    if sft_on:
+        if not env.demo_styles:
+            raise ConfigError(f"env {env.name} offers no SFT demonstrations: set sft.enabled=false")
+        if cfg.sft.style not in env.demo_styles:
+            raise ConfigError(f"sft.style={cfg.sft.style!r} is not one of {', '.join(env.demo_styles)} "
+                              f"(the styles env {env.name} offers)")
+    for d in cfg.eval.difficulties:
+        cap = env.capacity(d, "eval")
+        if cap is not None and cfg.data.eval_size > cap:
+            raise ConfigError(f"data.eval_size={cfg.data.eval_size} is more than the {cap} distinct eval items "
+                              f"env {env.name} has at d{d}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -11,15 +11,26 @@ from __future__ import annotations
 import math
 
 from picorl.data import messages_of
-from picorl.envs.letter_counting import grade
+from picorl.envs import default_env
 from picorl.rollout import Sampling
 from picorl.rollout.hf import HFEngine
 
 
-# The fields of an eval item that its tables keep (the export's JSONL, MLflow's table): the
-# record, the completion, the parsed prediction and its grade.
-ITEM_FIELDS = ("difficulty", "string", "letters", "answer", "completion", "prediction", "exact", "partial",
-               "formatted")
+# The fields an eval adds to its record: the completion, the parsed prediction and its grade.
+GRADE_FIELDS = ("completion", "prediction", "exact", "partial", "formatted")
+
+
+def item_fields(items: list[dict]) -> list[str]:
+    """The fields of eval items that their tables keep (the export's JSONL, MLflow's table): the
+    record's fields as the environment wrote them (letter counting: difficulty, string, letters,
+    answer), then GRADE_FIELDS."""
+    record = [k for k in (items[0] if items else {}) if k not in GRADE_FIELDS and k != "messages"]
+    return record + list(GRADE_FIELDS)
+
+
+def item_of(item: dict) -> dict:
+    """An eval item's record fields alone: what makes two evals' items the same item."""
+    return {k: v for k, v in item.items() if k not in GRADE_FIELDS and k != "messages"}
 
 
 def summarise(items: list[dict]) -> dict:
@@ -31,14 +42,17 @@ def summarise(items: list[dict]) -> dict:
 
 
 def evaluate_records(model, tokenizer, records: list[dict], *, max_tokens: int = 512,
-                     batch_size: int = 32, engine=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Greedy-decode every record once; return (summary, per-item records)."""
+                     batch_size: int = 32, engine=None, progress: bool = True, env=None) -> tuple[dict, list[dict]]:
+    """Greedy-decode every record once; return (summary, per-item records), graded by `env`
+    (letter counting when left out)."""
+    env = env or default_env()
     engine = engine or HFEngine(model, tokenizer, batch_size=batch_size, progress=progress)
-    groups = engine.generate([messages_of(r) for r in records], 1, Sampling(temperature=0.0, max_tokens=max_tokens))
+    groups = engine.generate([messages_of(r, env) for r in records], 1,
+                             Sampling(temperature=0.0, max_tokens=max_tokens))
     items = []
     for r, (c,) in zip(records, groups):
-        g = grade(c.text, r["letters"], r["answer"])
-        items.append({**{k: v for k, v in r.items() if k != "messages"}, "completion": c.text, **g})
+        items.append({**{k: v for k, v in r.items() if k != "messages"}, "completion": c.text,
+                      **env.grade(c.text, r).as_item()})
     return summarise(items), items
 
 
@@ -69,15 +83,15 @@ def sign_test(gained: int, lost: int) -> float:
 def paired_change(before: list[dict], after: list[dict]) -> dict:
     """Exact before -> after on the same items, the items gained and lost, and the sign test's p.
 
-    Items are matched by position and must be the same items (same string and letters): a
+    Items are matched by position and must be the same items (same record fields): a
     held-out set is fixed, so two evals of it can be compared item by item, which a single
     accuracy cannot (on 128 items two equivalent runs disagree on some 40).
     """
     if len(before) != len(after):
         raise ValueError(f"the two evals hold {len(before)} and {len(after)} items; compare evals of one set")
     for i, (b, a) in enumerate(zip(before, after)):
-        if (b["string"], b["letters"]) != (a["string"], a["letters"]):
-            raise ValueError(f"item {i} differs between the evals ({b['string']!r} vs {a['string']!r})")
+        if item_of(b) != item_of(a):
+            raise ValueError(f"item {i} differs between the evals ({str(item_of(b))[:80]} vs {str(item_of(a))[:80]})")
     gained = sum(1 for b, a in zip(before, after) if a["exact"] > b["exact"])
     lost = sum(1 for b, a in zip(before, after) if a["exact"] < b["exact"])
     n = len(before)

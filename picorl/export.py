@@ -33,7 +33,8 @@ from pathlib import Path
 from picorl import checkpoint
 from picorl.config import load_config
 from picorl.data import check_fresh_size, fresh_records, write_jsonl
-from picorl.evaluate import ITEM_FIELDS
+from picorl.envs import env_of
+from picorl.evaluate import item_fields
 from picorl.files import atomic_folder
 from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
@@ -65,7 +66,7 @@ def fresh_eval(cfg, adapter: Path, sets: dict[int, list[dict]], progress: bool =
 
     model, tok = load_for_config(cfg, adapter=adapter)
     return evaluate_sets(model, tok, sets, max_tokens=cfg.eval.max_tokens,
-                         engine=eval_engine(cfg, model, tok, progress))
+                         engine=eval_engine(cfg, model, tok, progress), env=env_of(cfg))
 
 
 def changes(before: list[dict], after: list[dict]) -> dict:
@@ -77,7 +78,8 @@ def changes(before: list[dict], after: list[dict]) -> dict:
 
 
 def eval_lines(items: list[dict]) -> list[dict]:
-    return [{k: item.get(k) for k in ITEM_FIELDS} for item in items]
+    fields = item_fields(items)
+    return [{k: item.get(k) for k in fields} for item in items]
 
 
 def per_difficulty(by_d: dict, key: str) -> dict:
@@ -102,8 +104,9 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
         raise FileNotFoundError(f"missing from the run folder: {', '.join(missing)} (the flow's report step writes "
                                 "report.md and curves.png)")
     if fresh:  # before anything is copied: a fresh set its tier cannot give is refused, not drawn forever
-        for d in load_config(run.config).eval.difficulties:
-            check_fresh_size(d, fresh)
+        cfg = load_config(run.config)
+        for d in cfg.eval.difficulties:
+            check_fresh_size(d, fresh, env_of(cfg))
     files = run.eval_files()
     baseline = step != 0 and 0 in files and checkpoint.adapter_path(run.checkpoint(0)) is not None
     with atomic_folder(out) as tmp:
@@ -121,7 +124,7 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
             summary["change"] = changes(first["items"], result["items"])
         if fresh:
             cfg = load_config(run.config)
-            sets = {d: fresh_records(d, fresh) for d in cfg.eval.difficulties}  # one draw for both adapters
+            sets = {d: fresh_records(d, fresh, env=env_of(cfg)) for d in cfg.eval.difficulties}  # one draw for both
             by_d, items = fresh_eval(cfg, tmp / "adapter", sets, progress)
             write_jsonl(eval_lines(items), tmp / "fresh_eval.jsonl")
             summary["fresh_exact"] = per_difficulty(by_d, "exact")

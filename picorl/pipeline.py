@@ -21,6 +21,7 @@ from picorl import checkpoint, data
 from picorl.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
+from picorl.envs import env_of
 from picorl.evaluate import evaluate_sets, paired_change
 from picorl.faults import fault_point
 from picorl.files import atomic_write_text
@@ -159,16 +160,17 @@ def build_data(cfg: Config, run_dir) -> dict:
     if manifest_path.is_file():
         return json.loads(manifest_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"seed": cfg.data.seed, "eval_seed": data.EVAL_SEED, "train": {}, "eval": {}}
+    env = env_of(cfg)
+    manifest = {"env": env.name, "seed": cfg.data.seed, "eval_seed": data.EVAL_SEED, "train": {}, "eval": {}}
     sample = []
     for d in train_difficulties(cfg):
-        recs = data.train_records(d, cfg.data.train_size, seed=cfg.data.seed)
-        data.save_dataset(recs, run.dataset("train", d))
+        recs = data.train_records(d, cfg.data.train_size, seed=cfg.data.seed, env=env)
+        data.save_dataset(recs, run.dataset("train", d), env)
         manifest["train"][str(d)] = {"path": run.dataset("train", d).name, "n": len(recs)}
         sample += recs[:2]
     for d in cfg.eval.difficulties:
-        recs = data.eval_records(d, cfg.data.eval_size)
-        data.save_dataset(recs, run.dataset("eval", d))
+        recs = data.eval_records(d, cfg.data.eval_size, env=env)
+        data.save_dataset(recs, run.dataset("eval", d), env)
         manifest["eval"][str(d)] = {"path": run.dataset("eval", d).name, "n": len(recs)}
     data.write_jsonl(sample, run.sample)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the data complete
@@ -299,7 +301,7 @@ def _sft(cfg: Config, run_dir, progress: bool) -> dict:
     if cfg.sft.enabled and cfg.sft.steps > 0:
         records = [r for d in cfg.sft.difficulties for r in sess.records(run_dir, "train", d)]
         torch.manual_seed(cfg.run.seed)
-        steps = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps,
+        steps = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps, env=env_of(cfg),
                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, lr_schedule=cfg.sft.lr_schedule,
                           warmup_steps=cfg.sft.warmup_steps, compile_forward=cfg.sft.compile, seed=cfg.run.seed,
                           group_by_length=cfg.sft.group_by_length, max_skips_in_a_row=MAX_SKIPS_IN_A_ROW,
@@ -397,7 +399,7 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
         sess.restore(ckpt)
     info = checkpoint.read_info(ckpt)
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
-    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens,
+    by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens, env=env_of(cfg),
                                 engine=sess.eval_engine(progress))
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
               "items": items}

@@ -57,7 +57,8 @@ def describe_plan(cfg) -> str:
     total = sum(s.updates for s in cfg.stages)
     per_update = cfg.grpo.tasks_per_update * cfg.grpo.group_size
     evals = eval_steps(cfg)
-    lines = [f"model      {cfg.model.name} (LoRA r{cfg.model.lora.rank}/a{cfg.model.lora.alpha})"
+    lines = [f"task       {cfg.env.name}" + (f" {cfg.env.options}" if cfg.env.options else ""),
+             f"model      {cfg.model.name} (LoRA r{cfg.model.lora.rank}/a{cfg.model.lora.alpha})"
              if cfg.model.lora.enabled else f"model      {cfg.model.name} (full fine-tuning)",
              f"engine     {cfg.rollout.engine}, max_tokens {cfg.rollout.max_tokens}, temperature {cfg.rollout.temperature}",
              f"sft        {cfg.sft.steps} steps x {cfg.sft.batch_size} ({cfg.sft.style}) on d{cfg.sft.difficulties}"

@@ -62,6 +62,8 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
     g, m = cfg.grpo, cfg.model
     lines = [f"# {title or cfg.run.name}: training report", "", "## Config", "",
              "| setting | value |", "|---|---|",
+             f"| task | {cfg.env.name}" + (f" ({', '.join(f'{k}={v}' for k, v in cfg.env.options.items())})"
+                                           if cfg.env.options else "") + " |",
              f"| model | {m.name} |",
              "| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
              f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}, lr {g.lr}) |",

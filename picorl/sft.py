@@ -1,44 +1,12 @@
-"""SFT warmup: teach the answer format (and, with `cot`, a way to count) before RL.
+"""SFT warmup: teach the answer format (and a way to work the task) before RL.
 
-Three target styles:
-
-direct (the reference run): the answer tag only.
-    <answer>{"e": 1, "o": 2}</answer>
-
-cot: spell the string one character per step and tag each asked letter with its running
-count, then answer with the last count of each letter.
-    <think>o1 v e1 r m o2 d e2 s t</think>
-    <answer>{"e": 2, "o": 2}</answer>
-
-Why this shape works for a 135M model: every step is local. Emitting the next character
-means finding where the spelled-out tail sits in the prompt's string and copying the next
-letter; a count is "the last count of this letter + 1", found by looking back for the same
-letter; the answer is each letter's last count. Nothing has to be held across a long span.
-Each character is one token (" x") and a count one or two more, so the chain costs about
-1.4 tokens per character: at d6 (40-80 characters, 8-12 letters) 157 tokens on average and
-202 at most over the first 64 held-out items (SmolLM2 tokenizer), well inside max_tokens.
-
-cot_tokens: the same tally, one line per token of the string as the tokenizer cut it in
-the prompt: the token copied, then its letters.
-    <think>
-    over: o1 v e1 r
-    mod: m o2 d
-    est: e2 s t
-    </think>
-    <answer>{"e": 2, "o": 2}</answer>
-
-Why it was tried: the model reads the string as multi-letter tokens, and the 135M model's
-cot misses are mostly misspellings. Here the place in the string is explicit: copying the
-next token is a lookup of the prompt, and spelling it needs only that token, right before.
-What it showed (README, Chain-of-thought SFT): at d3 it scores as cot does, every token is
-copied right, and the misses spell a token wrong; so cot, shorter, stays the default. The line's token is the same token id as in the prompt (it follows a newline,
-as the string follows a quote). The line heads cost tokens: over the first 64 held-out
-items 46 on average (67 at most) against cot's 35 at d3, and 265 (345 at most) against
-157 at d6.
+The demonstrations are the environment's (`Environment.demonstration`, in one of its
+`demo_styles`; letter counting's are explained in picorl/envs/letter_counting.py). This
+module tokenizes them behind the prompts exactly as the rollout engine tokenizes prompts,
+batches them and runs the optimizer steps.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from typing import Callable
@@ -49,73 +17,27 @@ from tqdm.auto import tqdm
 from picorl.batching import left_pad, left_pad_ids, positions
 from picorl.data import messages_of
 from picorl.distributed import all_sum, rank_and_world, sum_gradients
+from picorl.envs import default_env
 
-STYLES = ("direct", "cot", "cot_tokens")
-
-
-def answer_text(letters: list[str], answer: dict) -> str:
-    if len(letters) == 1:
-        return f"<answer>{answer[letters[0]]}</answer>"
-    return "<answer>" + json.dumps({c: answer[c] for c in letters}) + "</answer>"
+def demonstration(record: dict, style: str, tokenizer=None, env=None) -> str:
+    """The assistant's target text for one record: the environment's (letter counting by default)."""
+    return (env or default_env()).demonstration(record, style, tokenizer)
 
 
-def _tallied(chars: str, counts: dict) -> list[str]:
-    """Each character, with its running count when it is an asked letter (updates counts)."""
-    steps = []
-    for ch in chars:
-        if ch in counts:
-            counts[ch] += 1
-            steps.append(f"{ch}{counts[ch]}")
-        else:
-            steps.append(ch)
-    return steps
-
-
-def cot_text(string: str, letters: list[str]) -> str:
-    return "<think>" + " ".join(_tallied(string, dict.fromkeys(letters, 0))) + "</think>\n"
-
-
-def string_tokens(tokenizer, string: str) -> list[str]:
-    """The string cut into the pieces the tokenizer makes of it inside the prompt."""
-    ids = tokenizer(string, add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode([i]) for i in ids]
-
-
-def cot_tokens_text(pieces: list[str], letters: list[str]) -> str:
-    counts = dict.fromkeys(letters, 0)
-    lines = [f"{piece}: {' '.join(_tallied(piece, counts))}" for piece in pieces]
-    return "<think>\n" + "\n".join(lines) + "\n</think>\n"
-
-
-def demonstration(record: dict, style: str, tokenizer=None) -> str:
-    """The assistant's target text for one task (cot_tokens needs the tokenizer)."""
-    if style not in STYLES:
-        raise ValueError(f"sft.style must be one of {', '.join(STYLES)}, got {style!r}")
-    if style == "cot":
-        head = cot_text(record["string"], record["letters"])
-    elif style == "cot_tokens":
-        if tokenizer is None:
-            raise ValueError("sft.style cot_tokens cuts the string where the tokenizer does: pass the tokenizer")
-        head = cot_tokens_text(string_tokens(tokenizer, record["string"]), record["letters"])
-    else:
-        head = ""
-    return head + answer_text(record["letters"], record["answer"])
-
-
-def encode_example(tokenizer, record: dict, style: str) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, record: dict, style: str, env=None) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels are -100 on the prompt so the loss covers the assistant's tokens only.
 
     The prompt is tokenized exactly as the rollout engine tokenizes it, and the target ends
     with eos, so SFT teaches the model to stop where generation stops.
     """
-    return encode_records(tokenizer, [record], style, progress=False)[0]
+    return encode_records(tokenizer, [record], style, progress=False, env=env)[0]
 
 
 ENCODE_CHUNK = 1024  # records per tokenizer call: big enough for the fast tokenizer to batch
 
 
 def encode_records(tokenizer, records: list[dict], style: str,
-                   progress: bool = True) -> list[tuple[list[int], list[int]]]:
+                   progress: bool = True, env=None) -> list[tuple[list[int], list[int]]]:
     """Every record's (input_ids, labels), tokenized once, a chunk of records per tokenizer call.
 
     One call per chunk rather than per record halves the cost (0.35 against 0.69 ms a
@@ -127,10 +49,11 @@ def encode_records(tokenizer, records: list[dict], style: str,
     for lo in tqdm(range(0, len(records), ENCODE_CHUNK), desc="tokenizing demonstrations", unit="chunk",
                    disable=not progress or len(records) <= ENCODE_CHUNK):
         chunk = records[lo:lo + ENCODE_CHUNK]
-        prompts = tokenizer.apply_chat_template([messages_of(r) for r in chunk], add_generation_prompt=True,
+        prompts = tokenizer.apply_chat_template([messages_of(r, env) for r in chunk], add_generation_prompt=True,
                                                 tokenize=False)
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        targets = tokenizer([demonstration(r, style, tokenizer) for r in chunk], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([demonstration(r, style, tokenizer, env) for r in chunk],
+                            add_special_tokens=False)["input_ids"]
         for prompt, target in zip(prompt_ids, targets):
             target = list(target) + [tokenizer.eos_token_id]
             out.append((list(prompt) + target, [-100] * len(prompt) + target))
@@ -279,8 +202,8 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
               lr: float, lr_schedule: str = "constant", warmup_steps: int = 0, seed: int = 0,
               group_by_length: bool = False, compile_forward: bool = False, optimizer=None, start_step: int = 0,
               max_skips_in_a_row: int = 5, on_step: Callable[[int, float], None] | None = None,
-              progress: bool = True) -> list[dict]:
-    """Run SFT steps [start_step, steps); returns each step's {sft/loss, sft/grad_norm, sft/lr, sft/skipped}.
+              progress: bool = True, env=None) -> list[dict]:
+    """Run SFT steps [start_step, steps) on `env`'s demonstrations (letter counting's when left out); returns each step's {sft/loss, sft/grad_norm, sft/lr, sft/skipped}.
 
     The demonstrations are tokenized once, up front; `SFTBatches` picks step s's batch from
     (seed, step), so step s sees the same batch whether the run went straight through or
@@ -302,7 +225,7 @@ def train_sft(model, tokenizer, records: list[dict], *, style: str, steps: int, 
     if steps <= start_step:
         return []
     sft_lr(0, steps, lr, lr_schedule, warmup_steps)  # a bad schedule name fails before the tokenizing
-    examples = encode_records(tokenizer, records, style, progress=progress)
+    examples = encode_records(tokenizer, records, style, progress=progress, env=env)
     batches = SFTBatches([len(ids) for ids, _ in examples], batch_size, seed, group_by_length)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -21,7 +21,8 @@ import torch
 from picorl.batching import distinct_rows, pad_batch
 from picorl.data import messages_of
 from picorl.distributed import all_sum, gather, rank_and_world, sum_gradients
-from picorl.envs.letter_counting import fraction_right, parse_answer, reward_of
+from picorl.envs import env_of
+from picorl.envs.base import Environment, reward_of_grade
 from picorl.faults import fault_point
 from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, overlong_penalty, policy_loss,
                          shared_prefix_logprobs, token_logprobs)
@@ -41,12 +42,11 @@ class Scored(NamedTuple):
     truncated: bool  # stopped by max_tokens, not by its own end
 
 
-def letter_reward(kind: str, format_bonus: float) -> RewardFn:
-    """(reward, fully correct, formatted) of a completion on a letter-counting record, parsed once."""
+def env_reward(env: Environment, kind: str, format_bonus: float) -> RewardFn:
+    """(reward, fully correct, formatted) of a completion on one of `env`'s records, graded once."""
     def reward(c: Completion, r: dict) -> tuple[float, bool, bool]:
-        parsed = parse_answer(c.text, r["letters"])
-        return (reward_of(parsed, r["answer"], kind=kind, format_bonus=format_bonus),
-                fraction_right(parsed, r["answer"]) == 1.0, parsed.formatted)
+        g = env.grade(c.text, r)
+        return reward_of_grade(g, kind, format_bonus), g.exact, g.formatted
     return reward
 
 
@@ -96,7 +96,8 @@ class GRPOTrainer:
         warm = max(g.warmup_updates, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.reward_fn = reward_fn or letter_reward(cfg.reward.kind, cfg.reward.format_bonus)
+        self.env = env_of(cfg)
+        self.reward_fn = reward_fn or env_reward(self.env, cfg.reward.kind, cfg.reward.format_bonus)
         self.step = 0  # global update number: updates done so far
         self.skipped_in_a_row = 0
         self.skipped_total = 0
@@ -113,7 +114,7 @@ class GRPOTrainer:
         """(groups, scored groups, seconds spent scoring) for one engine call."""
         r = self.cfg.rollout
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
-        groups = self.engine.generate([messages_of(x) for x in records], self.cfg.grpo.group_size, sampling)
+        groups = self.engine.generate([messages_of(x, self.env) for x in records], self.cfg.grpo.group_size, sampling)
         t0 = time.perf_counter()
         scored = [[self.score(c, rec) for c in grp] for grp, rec in zip(groups, records)]
         return groups, scored, time.perf_counter() - t0

@@ -7,12 +7,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from picorl import checkpoint, data, evaluate, models, pipeline
+from picorl.envs import load_env
 from picorl.run_folder import RunFolder
 from tasks import tracking
 
 
-def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path]:
-    """(model name, adapter folder) of an MLflow training run's checkpoint (latest when step is None)."""
+def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path, dict]:
+    """(model name, adapter folder, env {name, options}) of an MLflow training run's checkpoint
+    (latest when step is None)."""
     folder = RunFolder(tracking.run_dir_of(run_id) or "")
     cfg = pipeline.run_config(folder.root)
     ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(folder.checkpoints)
@@ -20,17 +22,20 @@ def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path]:
     if adapter is None:
         raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {folder.checkpoints}" +
                                 (f" for step {step}" if step is not None else ""))
-    return cfg.model.name, adapter
+    return cfg.model.name, adapter, {"name": cfg.env.name, "options": cfg.env.options}
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate_model(model_name: str, adapter: str | None, difficulties: list[int], size: int,
-                   max_tokens: int, batch_size: int, seed: int) -> dict:
+                   max_tokens: int, batch_size: int, seed: int, env: dict | None = None) -> dict:
+    """Greedy eval on the environment's held-out sets (`env`: {name, options}; letter counting by default)."""
+    environment = load_env(**(env or {}))
+    sets = {d: data.eval_records(d, size, seed=seed, env=environment) for d in difficulties}  # bad input: before loading
     model, tok = models.load_model(model_name)
     if adapter:
         model = models.load_adapter(model, adapter)
-    sets = {d: data.eval_records(d, size, seed=seed) for d in difficulties}
-    by_d, items = evaluate.evaluate_sets(model, tok, sets, max_tokens=max_tokens, batch_size=batch_size)
+    by_d, items = evaluate.evaluate_sets(model, tok, sets, max_tokens=max_tokens, batch_size=batch_size,
+                                         env=environment)
     return {"by_difficulty": {str(d): s for d, s in by_d.items()}, "items": items}
 
 

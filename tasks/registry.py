@@ -1,7 +1,7 @@
 """A run's final weights as an MLflow model in the registry, and back.
 
 The model is a pyfunc: its artifacts are the run's config.yaml and final checkpoint, and
-`predict` answers letter-counting tasks greedily (picorl/serving.py). MLflow's own loader
+`predict` answers the run's environment's tasks greedily (picorl/serving.py). MLflow's own loader
 serves it:
 
     model = mlflow.pyfunc.load_model("models:/picorl-smollm2/1")
@@ -21,25 +21,31 @@ from picorl.run_folder import RunFolder
 from tasks import tracking
 
 
-class LetterCountingModel(mlflow.pyfunc.PythonModel):
+class TrainedModel(mlflow.pyfunc.PythonModel):
+    """A run's weights; its config names the environment whose tasks it answers."""
+
     def load_context(self, context):
+        from picorl.envs import env_of
         from picorl.serving import load_trained
         self.model, self.tok, self.cfg = load_trained(context.artifacts["config"], context.artifacts["checkpoint"])
+        self.env = env_of(self.cfg)
 
     def predict(self, context, model_input, params=None):
         from picorl.serving import answers
         tasks = model_input.to_dict("records") if hasattr(model_input, "to_dict") else model_input
         max_tokens = (params or {}).get("max_tokens") or self.cfg.eval.max_tokens
-        return answers(self.model, self.tok, tasks, max_tokens=int(max_tokens))
+        return answers(self.model, self.tok, tasks, max_tokens=int(max_tokens), env=self.env)
 
 
-def signature(default_max_tokens: int):
-    """Inputs {string, letters} and the max_tokens param: MLflow checks both before predict,
-    and without a params schema it would drop max_tokens with a warning."""
+def signature(default_max_tokens: int, env_name: str = "letter_counting"):
+    """The max_tokens param, and for letter counting the inputs {string, letters}: MLflow checks
+    both before predict, and without a params schema it would drop max_tokens with a warning.
+    Another environment's tasks are checked by the environment itself (`check_task`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-    return ModelSignature(inputs=Schema([ColSpec("string", "string"), ColSpec(Array("string"), "letters")]),
-                          params=ParamSchema([ParamSpec("max_tokens", "long", default_max_tokens)]))
+    inputs = Schema([ColSpec("string", "string"), ColSpec(Array("string"), "letters")]) \
+        if env_name == "letter_counting" else None
+    return ModelSignature(inputs=inputs, params=ParamSchema([ParamSpec("max_tokens", "long", default_max_tokens)]))
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
@@ -51,10 +57,11 @@ def register_final_model(run: dict, name: str) -> dict:
         raise FileNotFoundError(f"no checkpoint under {folder.checkpoints} to register")
     from picorl.pipeline import run_config
     mlflow.set_tracking_uri(tracking.tracking_uri())
+    cfg = run_config(folder.root)
     with mlflow.start_run(run_id=run["parent_run_id"]):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=LetterCountingModel(), registered_model_name=name,
-            signature=signature(run_config(folder.root).eval.max_tokens),
+            name="model", python_model=TrainedModel(), registered_model_name=name,
+            signature=signature(cfg.eval.max_tokens, cfg.env.name),
             artifacts={"config": str(folder.config), "checkpoint": str(final)},
             pip_requirements=["picorl", "torch", "transformers", "peft"])
     return {"name": name, "version": str(info.registered_model_version), "checkpoint": final.name}

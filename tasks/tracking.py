@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from picorl.config import flatten, to_dict
-from picorl.evaluate import ITEM_FIELDS
+from picorl.evaluate import item_fields
 from picorl.faults import fault_point
 from picorl.plan import stage_names
 
@@ -99,7 +99,7 @@ def log_config(c: MlflowClient, run_id: str, cfg) -> None:
 def log_eval_table(c: MlflowClient, run_id: str, items: list[dict], artifact_file: str) -> None:
     """Per-item eval completions as an MLflow table (lists and dicts as JSON text)."""
     c.log_table(run_id, data={k: [json.dumps(i.get(k)) if isinstance(i.get(k), (dict, list)) else i.get(k)
-                                  for i in items] for k in ITEM_FIELDS}, artifact_file=artifact_file)
+                                  for i in items] for k in item_fields(items)}, artifact_file=artifact_file)
 
 
 def stage_run_name(cfg, stage) -> str | None:

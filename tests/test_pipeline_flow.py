@@ -267,3 +267,48 @@ def test_the_final_weights_are_registered_and_served_by_mlflows_loader(store, mo
                  "--max-tokens", "8"]) == 0
     assert [r["completion"] for r in data.read_jsonl(tmp / "o.jsonl")] == [i["completion"] for i in last]
     assert set(Path(tempfile.gettempdir()).glob("picorl-registered-*")) == downloads  # the download is not left behind
+
+
+def test_a_users_own_environment_runs_the_whole_pipeline(store, tmp_path, monkeypatch):
+    """The README's environment, in a module of its own outside picorl/: data, a curriculum,
+    evals, report, export, the registered model and `picorl gen`/`eval`, with no change to picoRL."""
+    import json
+
+    import mlflow
+
+    from cli import main
+    from picorl.export import export_run
+    from test_envs import readme_environment
+    client, tmp = store
+    (tmp / "user").mkdir()
+    (tmp / "user" / "my_task.py").write_text(readme_environment())
+    monkeypatch.syspath_prepend(str(tmp / "user"))
+    out = run_flow(tmp, "env.name=my_task:Reverse", "sft.enabled=false", "eval.difficulties=[1, 2]",
+                   "stages=[{difficulty: 1, updates: 4, promote_at: 0.0, window: 2, max_difficulty: 2}]",
+                   "run.registered_model=picorl-reverse")
+    pid = out["parent_run_id"]
+    assert client.get_run(pid).info.status == "FINISHED"
+    assert client.get_run(pid).data.params["env.name"] == "my_task:Reverse"
+    for d in (1, 2):
+        assert steps(client, pid, f"eval/acc_d{d}") == [0, 2, 4]
+    # promote_at 0 moves up after the first window: the curriculum climbed the user's tiers
+    assert [m.value for m in client.get_metric_history(pid, "train/difficulty")][-1] == 2.0
+    run_dir = Path(out["run_dir"])
+    items = json.loads((run_dir / "evals" / "step_4.json").read_text())["items"]
+    assert {"word", "answer", "completion", "prediction", "exact"} <= set(items[0])
+    assert "| task | my_task:Reverse |" in Path(out["report"]).read_text()
+    moved = export_run(run_dir, tmp / "export", fresh=2, progress=False)
+    lines = [json.loads(x) for x in (moved / "final_eval.jsonl").read_text().splitlines()]
+    assert [x["word"] for x in lines] == [i["word"] for i in items]
+    assert len((moved / "fresh_eval.jsonl").read_text().splitlines()) == 4  # 2 fresh items x 2 tiers
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/picorl-reverse/1")
+    got = model.predict([{"word": i["word"]} for i in items[:2]], params={"max_tokens": 8})
+    assert [g["completion"] for g in got] == [i["completion"] for i in items[:2]]
+    with pytest.raises(ValueError, match="task 0: reverse cannot build a prompt"):
+        model.predict([{"string": "abc"}])
+    # `picorl gen` and `picorl eval` take the environment too.
+    assert main(["gen", "--env", "my_task:Reverse", "--difficulty", "2", "--n", "3", "--out", str(tmp / "g.jsonl")]) == 0
+    assert main(["eval", "--env", "my_task:Reverse", "--model", "tiny-random-llama", "--data", str(tmp / "g.jsonl"),
+                 "--out", str(tmp / "e.jsonl"), "--max-tokens", "4"]) == 0
+    assert [len(json.loads(x)["word"]) for x in (tmp / "e.jsonl").read_text().splitlines()] == [5, 5, 5]

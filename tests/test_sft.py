@@ -7,13 +7,14 @@ import torch
 
 from picorl import data, evaluate, models, sft
 from picorl.batching import chat_prompt_ids
+from picorl.envs import letter_counting as lc
 from picorl.envs.letter_counting import grade
 
 
 def test_every_style_parses_to_the_true_answer(tokenizer):
     for d in (1, 2, 5, 6, 9):
         for r in data.train_records(d, 30):
-            for style in sft.STYLES:
+            for style in lc.STYLES:
                 g = grade(sft.demonstration(r, style, tokenizer), r["letters"], r["answer"])
                 assert g["exact"] == 1.0, (style, r)
 
@@ -31,7 +32,7 @@ def test_cot_spells_every_character_with_running_tallies():
 
 def test_cot_tokens_spells_the_prompt_tokens_line_by_line(tokenizer):
     r = {"string": "banana", "letters": ["a", "n"], "answer": {"a": 3, "n": 2}}
-    assert sft.cot_tokens_text(["ban", "ana"], r["letters"]) == "<think>\nban: b a1 n1\nana: a2 n2 a3\n</think>\n"
+    assert lc.cot_tokens_text(["ban", "ana"], r["letters"]) == "<think>\nban: b a1 n1\nana: a2 n2 a3\n</think>\n"
     with pytest.raises(ValueError, match="pass the tokenizer"):
         sft.demonstration(r, "cot_tokens")
     # Each line's head, as the target itself tokenizes, is the very token id the prompt
@@ -42,7 +43,7 @@ def test_cot_tokens_spells_the_prompt_tokens_line_by_line(tokenizer):
         prompt = chat_prompt_ids(tokenizer, data.messages_of(rec))
         piece_ids = tokenizer(rec["string"], add_special_tokens=False)["input_ids"]
         assert any(prompt[i:i + len(piece_ids)] == piece_ids for i in range(len(prompt)))
-        assert "".join(sft.string_tokens(tokenizer, rec["string"])) == rec["string"]
+        assert "".join(lc.string_tokens(tokenizer, rec["string"])) == rec["string"]
         target = tokenizer(sft.demonstration(rec, "cot_tokens", tokenizer), add_special_tokens=False)["input_ids"]
         heads = [target[i + 1] for i, t in enumerate(target) if t == newline[0]][:len(piece_ids)]
         assert heads == piece_ids, rec["string"]
@@ -67,7 +68,7 @@ def test_loss_covers_assistant_tokens_only(tokenizer):
     assert ids[-len(target):] == target and labels[:len(ids) - len(target)] == [-100] * (len(ids) - len(target))
 
 
-@pytest.mark.parametrize("style", sft.STYLES)
+@pytest.mark.parametrize("style", lc.STYLES)
 def test_records_tokenized_in_chunks_match_one_at_a_time(tokenizer, style, monkeypatch):
     # Chunks of 7 make the last chunk partial; each record is built the slow, obvious way.
     monkeypatch.setattr(sft, "ENCODE_CHUNK", 7)

@@ -16,6 +16,8 @@ import random
 import string as _string
 from dataclasses import dataclass
 
+from picorl.envs.base import Environment, answer_body
+
 # The 10 tiers of the reference system (ported from Atropos): tiers 1-5 count in English
 # words, 6-10 in random a-z strings. (min_len, max_len, p_multi, min_letters, max_letters, random_string)
 TIERS = {
@@ -124,20 +126,6 @@ UNFORMATTED = Parsed(None)
 _MAX_DIGITS = 18
 
 
-def _answer_body(completion: str) -> str | None:
-    """Text of the last <answer>...</answer> block after the last </think>, or None."""
-    think_end = completion.rfind("</think>")
-    if think_end >= 0:
-        completion = completion[think_end + len("</think>"):]
-    close = completion.rfind("</answer>")
-    if close < 0:
-        return None
-    open_ = completion.rfind("<answer>", 0, close)
-    if open_ < 0:
-        return None
-    return completion[open_ + len("<answer>"):close]
-
-
 def _int_count(body: str) -> int | None:
     body = body.strip()
     if not body or not (body.isascii() and body.isdigit()):
@@ -157,7 +145,7 @@ def parse_answer(completion: str, letters: list[str]) -> Parsed:
     """Apply the one parsing rule; never raises, whatever the completion holds."""
     if not isinstance(completion, str):
         return UNFORMATTED
-    body = _answer_body(completion)
+    body = answer_body(completion)
     if body is None:
         return UNFORMATTED
     if len(letters) == 1:
@@ -219,3 +207,174 @@ def grade(completion: str, letters: list[str], answer: dict) -> dict:
     frac = fraction_right(parsed, answer)
     return {"exact": float(frac == 1.0), "partial": frac, "formatted": float(parsed.formatted),
             "prediction": parsed.counts}
+
+
+# ---------------------------------------------------------------- SFT demonstrations
+# Three target styles teach the answer format (and, with `cot`, a way to count) before RL:
+#
+# direct (the reference run): the answer tag only.
+#     <answer>{"e": 1, "o": 2}</answer>
+#
+# cot: spell the string one character per step and tag each asked letter with its running
+# count, then answer with the last count of each letter.
+#     <think>o1 v e1 r m o2 d e2 s t</think>
+#     <answer>{"e": 2, "o": 2}</answer>
+#
+# Why this shape works for a 135M model: every step is local. Emitting the next character
+# means finding where the spelled-out tail sits in the prompt's string and copying the next
+# letter; a count is "the last count of this letter + 1", found by looking back for the same
+# letter; the answer is each letter's last count. Nothing has to be held across a long span.
+# Each character is one token (" x") and a count one or two more, so the chain costs about
+# 1.4 tokens per character: at d6 (40-80 characters, 8-12 letters) 157 tokens on average and
+# 202 at most over the first 64 held-out items (SmolLM2 tokenizer), well inside max_tokens.
+#
+# cot_tokens: the same tally, one line per token of the string as the tokenizer cut it in
+# the prompt: the token copied, then its letters.
+#     <think>
+#     over: o1 v e1 r
+#     mod: m o2 d
+#     est: e2 s t
+#     </think>
+#     <answer>{"e": 2, "o": 2}</answer>
+#
+# Why it was tried: the model reads the string as multi-letter tokens, and the 135M model's
+# cot misses are mostly misspellings. Here the place in the string is explicit: copying the
+# next token is a lookup of the prompt, and spelling it needs only that token, right before.
+# What it showed (README, Chain-of-thought SFT): at d3 it scores as cot does, every token is
+# copied right, and the misses spell a token wrong; so cot, shorter, stays the default.
+# The line's token is the same token id as in the prompt (it follows a newline, as the
+# string follows a quote). The line heads cost tokens: over the first 64 held-out
+# items 46 on average (67 at most) against cot's 35 at d3, and 265 (345 at most) against
+# 157 at d6.
+
+STYLES = ("direct", "cot", "cot_tokens")
+
+
+def answer_text(letters: list[str], answer: dict) -> str:
+    if len(letters) == 1:
+        return f"<answer>{answer[letters[0]]}</answer>"
+    return "<answer>" + json.dumps({c: answer[c] for c in letters}) + "</answer>"
+
+
+def _tallied(chars: str, counts: dict) -> list[str]:
+    """Each character, with its running count when it is an asked letter (updates counts)."""
+    steps = []
+    for ch in chars:
+        if ch in counts:
+            counts[ch] += 1
+            steps.append(f"{ch}{counts[ch]}")
+        else:
+            steps.append(ch)
+    return steps
+
+
+def cot_text(string: str, letters: list[str]) -> str:
+    return "<think>" + " ".join(_tallied(string, dict.fromkeys(letters, 0))) + "</think>\n"
+
+
+def string_tokens(tokenizer, string: str) -> list[str]:
+    """The string cut into the pieces the tokenizer makes of it inside the prompt."""
+    ids = tokenizer(string, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def cot_tokens_text(pieces: list[str], letters: list[str]) -> str:
+    counts = dict.fromkeys(letters, 0)
+    lines = [f"{piece}: {' '.join(_tallied(piece, counts))}" for piece in pieces]
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n"
+
+
+def demonstration(record: dict, style: str, tokenizer=None) -> str:
+    """The assistant's target text for one task (cot_tokens needs the tokenizer)."""
+    if style not in STYLES:
+        raise ValueError(f"sft.style must be one of {', '.join(STYLES)}, got {style!r}")
+    if style == "cot":
+        head = cot_text(record["string"], record["letters"])
+    elif style == "cot_tokens":
+        if tokenizer is None:
+            raise ValueError("sft.style cot_tokens cuts the string where the tokenizer does: pass the tokenizer")
+        head = cot_tokens_text(string_tokens(tokenizer, record["string"]), record["letters"])
+    else:
+        head = ""
+    return head + answer_text(record["letters"], record["answer"])
+
+
+# ---------------------------------------------------------------- the environment
+
+
+def check_task_fields(task, where: str) -> dict:
+    """{"string", "letters"} checked (a served task, or a record before its answer is)."""
+    if not isinstance(task, dict) or "string" not in task or "letters" not in task:
+        raise ValueError(f"{where}: expected {{'string': ..., 'letters': [...]}}, got {str(task)[:120]!r}")
+    string, letters = task["string"], task["letters"]
+    if not isinstance(string, str) or not string:
+        raise ValueError(f"{where}: 'string' must be a non-empty string, got {string!r}")
+    letters = list(letters) if not isinstance(letters, str) and hasattr(letters, "__iter__") else letters
+    if not isinstance(letters, list) or not letters or \
+            not all(isinstance(c, str) and len(c) == 1 for c in letters) or len(set(letters)) != len(letters):
+        raise ValueError(f"{where}: 'letters' must be a non-empty list of distinct single characters, "
+                         f"got {task['letters']!r}")
+    return {"string": string, "letters": letters}
+
+
+class LetterCounting(Environment):
+    """How many times does each asked letter appear in a string? Ten tiers (see TIERS)."""
+
+    name = "letter_counting"
+    tiers = {d: (f"{lo}-{hi} random letters" if rand else f"English words of {lo}-{hi} letters") +
+             (", one letter asked" if hi_k == 1 else f", up to {hi_k} letters asked")
+             for d, (lo, hi, _, _, hi_k, rand) in TIERS.items()}
+    demo_styles = STYLES
+
+    def check_difficulty(self, difficulty):
+        return check_difficulty(difficulty)
+
+    def make_record(self, rng, difficulty, split):
+        # fresh: asked letters uniform over a-z, a check that the model counts (see make_task)
+        return make_task(rng, difficulty, uniform_letters=split == "fresh")
+
+    def messages(self, record):
+        return build_messages(record["string"], record["letters"])
+
+    def parse(self, completion, record):
+        return parse_answer(completion, record["letters"]).counts
+
+    def fraction_right(self, prediction, record):
+        return fraction_right(Parsed(prediction), record["answer"])
+
+    def demonstration(self, record, style, tokenizer=None):
+        return demonstration(record, style, tokenizer)
+
+    def key(self, record):
+        return record["string"]  # an eval string is never trained on, whichever letters are asked
+
+    def capacity(self, difficulty, split):
+        lo, hi, *_, random_string = TIERS[self.check_difficulty(difficulty)]
+        return None if random_string else len(words_between(lo, hi))
+
+    def check_task(self, task, where):
+        return check_task_fields(task, where)
+
+    def check_record(self, r, where):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        for key in ("string", "letters", "answer"):
+            if key not in r:
+                raise ValueError(f"{where}: missing field '{key}'")
+        if not isinstance(r["string"], str):
+            raise ValueError(f"{where}: 'string' must be a string")
+        letters = r["letters"]
+        if not isinstance(letters, list) or not letters or not all(isinstance(c, str) and len(c) == 1 for c in letters):
+            raise ValueError(f"{where}: 'letters' must be a non-empty list of single characters")
+        if len(set(letters)) != len(letters):
+            raise ValueError(f"{where}: 'letters' names a letter twice: {letters}")
+        answer = r["answer"]
+        if not isinstance(answer, dict) or set(answer) != set(letters) or \
+                not all(type(v) is int for v in answer.values()):
+            raise ValueError(f"{where}: 'answer' must map each of {letters} to an integer count")
+        # The prompt must be that of the fields graded against: an edited string or answer with
+        # the old `messages` would ask one question and grade another.
+        if "messages" in r and r["messages"] != build_messages(r["string"], letters):
+            raise ValueError(f"{where}: 'messages' is not the prompt of its 'string' and 'letters' (one edited "
+                             "without the other?); drop 'messages' and the prompt is built from the fields")
+        return r
