@@ -10,7 +10,10 @@ nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -186,6 +189,47 @@ def prefect_environment(environ=None) -> dict:
     return applied
 
 
+def die_with_this_process() -> None:
+    """A child's preexec_fn: Linux sends it SIGTERM when the process that started it dies, by
+    SIGKILL too (the OOM killer's), so a crash leaves no server listening behind it."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def local_prefect_server():
+    """Prefect's temporary API server for this command, started here, in the main thread, as a
+    child tied to this process (`die_with_this_process`); Prefect would start the same server
+    itself, as an ordinary child that a SIGKILL orphans. With PREFECT_API_URL set, or off
+    Linux, Prefect is left to do as it does."""
+    import subprocess
+
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class TiedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen  # Prefect's own command line, with the child tied to us
+            subprocess.Popen = functools.partial(popen, preexec_fn=die_with_this_process)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    server = TiedServer()
+    try:
+        server.start(timeout=int(float(os.environ[STARTUP_TIMEOUT])))
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised as Ctrl-C is, so that the same clean-up runs."""
 
@@ -239,7 +283,8 @@ def cmd_train(args) -> None:
     signal.signal(signal.SIGTERM, terminate_as_interrupt)
     signal.signal(signal.SIGHUP, terminate_as_interrupt)
     try:
-        train(config_path=args.config, overrides=args.set, resume=args.resume)
+        with local_prefect_server():
+            train(config_path=args.config, overrides=args.set, resume=args.resume)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:

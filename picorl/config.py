@@ -426,6 +426,9 @@ def validate(cfg: Config) -> None:
     if cfg.run.nnodes > 1 and not RDZV_ENDPOINT.fullmatch(cfg.run.rdzv_endpoint or ""):
         raise ConfigError(f"run.nnodes={cfg.run.nnodes} needs run.rdzv_endpoint=host:port (this machine, reachable "
                           f"from the others), got {cfg.run.rdzv_endpoint!r}")
+    if cfg.rollout.temperature == 0:
+        raise ConfigError("rollout.temperature=0 samples one greedy completion k times: every group has one reward, "
+                          "no advantage and no update; sample at a temperature > 0 (evals are greedy anyway)")
     if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
         raise ConfigError(f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be <= rollout.max_tokens="
                           f"{cfg.rollout.max_tokens}: the penalty's ramp ends at max_tokens")

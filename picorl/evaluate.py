@@ -80,6 +80,19 @@ def sign_test(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def changes_by_difficulty(before: list[dict], after: list[dict], *, matched_only: bool = False) -> dict[int, dict]:
+    """paired_change of each difficulty's items, for two evals of the same items: {3: {...}}.
+    matched_only leaves out a difficulty whose item counts differ (an eval size changed
+    between the two) instead of refusing it."""
+    out = {}
+    for d in sorted({i["difficulty"] for i in before}):
+        b = [i for i in before if i["difficulty"] == d]
+        a = [i for i in after if i["difficulty"] == d]
+        if not matched_only or len(a) == len(b):
+            out[d] = paired_change(b, a)
+    return out
+
+
 def paired_change(before: list[dict], after: list[dict]) -> dict:
     """Exact before -> after on the same items, the items gained and lost, and the sign test's p.
 

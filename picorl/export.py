@@ -5,15 +5,17 @@
 writes
     report.md, curves.png      the run's report (the flow's last step writes them)
     config.yaml                the resolved config the run trained with
-    final_eval.jsonl           the last greedy eval, one item per line: difficulty, string,
-                               letters, answer, completion (and the prediction and its grade)
+    final_eval.jsonl           the last greedy eval, one item per line: the record's fields (letter
+                               counting: difficulty, string, letters, answer), the completion, the
+                               prediction and its grade
     adapter/                   the LoRA adapter of that step (adapter_config.json + safetensors),
                                loadable by `picorl eval --adapter`
     run.json                   the step, its accuracies, the machines and the wall time of each
                                kind of step (from timings.jsonl: failed tries count too)
     fresh_eval.jsonl           with --fresh N: the same adapter, greedy, on N fresh items per
-                               eval difficulty (`picorl gen --split fresh`: strings no run
-                               generates, letters drawn uniformly); run.json gets `fresh_exact`
+                               eval difficulty (`picorl gen --split fresh`: items no run
+                               generates; letter counting draws the letters uniformly there);
+                               run.json gets `fresh_exact`
 and, when the run kept its after-SFT checkpoint (step_0) and evaluated it, the baseline that
 GRPO is measured against, on the same items:
     sft_adapter/, sft_eval.jsonl     step 0's adapter and its eval of the run's held-out items
@@ -71,10 +73,8 @@ def fresh_eval(cfg, adapter: Path, sets: dict[int, list[dict]], progress: bool =
 
 def changes(before: list[dict], after: list[dict]) -> dict:
     """{"d3": paired_change of that difficulty's items} for two evals of the same items."""
-    from picorl.evaluate import paired_change
-    return {f"d{d}": paired_change([i for i in before if i["difficulty"] == d],
-                                   [i for i in after if i["difficulty"] == d])
-            for d in sorted({i["difficulty"] for i in before})}
+    from picorl.evaluate import changes_by_difficulty
+    return {f"d{d}": c for d, c in changes_by_difficulty(before, after).items()}
 
 
 def eval_lines(items: list[dict]) -> list[dict]:
@@ -90,6 +90,9 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: export into a new folder")
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"--out {out} is inside the run folder {run_dir}: export to a folder outside it "
+                         "(inside, it becomes part of the run it copies)")
     if fresh < 0:
         raise ValueError(f"--fresh must be >= 0 items per difficulty, got {fresh}")
     result = final_eval(run_dir, step)

@@ -1,8 +1,8 @@
 """Metric names, built and read back in one place.
 
 An eval row's metrics are named `eval/<kind>_d<difficulty>`: `eval/acc_d3` is the exact
-accuracy of the greedy eval at difficulty 3, `eval/partial_d3` the mean fraction of letters
-counted right, `eval/format_d3` the fraction of answers in the asked format. MLflow, the
+accuracy of the greedy eval at difficulty (tier) 3, `eval/partial_d3` the mean fraction right
+(the environment's partial credit: letters counted right, digits in place), `eval/format_d3` the fraction of answers in the asked format. MLflow, the
 report and the benchmarks all read these names, so they are spelled here only.
 
     eval_metrics({3: {"exact": 0.5, "partial": 0.75, "formatted": 1.0, "n": 4}})

@@ -22,7 +22,7 @@ from picorl.config import Config, ConfigError, dump_yaml, flatten, load_config, 
 from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
 from picorl.envs import env_of
-from picorl.evaluate import evaluate_sets, paired_change
+from picorl.evaluate import changes_by_difficulty, evaluate_sets
 from picorl.faults import fault_point
 from picorl.files import atomic_write_text
 from picorl.machine import machine_name
@@ -88,13 +88,8 @@ def grpo_gains(run_dir) -> dict[str, dict]:
     if len(files) < 2:
         return {}
     first, last = (json.loads(files[s].read_text()) for s in (min(files), max(files)))
-    out = {}
-    for d in first["by_difficulty"]:
-        before = [i for i in first["items"] if str(i["difficulty"]) == d]
-        after = [i for i in last["items"] if str(i["difficulty"]) == d]
-        if before and len(before) == len(after):
-            out[d] = {**paired_change(before, after), "from_step": min(files), "to_step": max(files)}
-    return out
+    return {str(d): {**c, "from_step": min(files), "to_step": max(files)}
+            for d, c in changes_by_difficulty(first["items"], last["items"], matched_only=True).items()}
 
 
 def eval_row(result: dict) -> dict:

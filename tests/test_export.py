@@ -106,7 +106,8 @@ def test_export_fresh_evaluates_the_adapter_on_strings_no_run_generated(finished
     ("step", "no eval of step 3; evaluated steps: [0, 2, 4]"),
     ("not a run", "has no evals/step_N.json"),
     ("fresh", "--fresh must be >= 0 items per difficulty, got -1"),
-    ("fresh pool", "fresh items (distinct words of its lengths outside the held-out set), asked for 200000"),
+    ("fresh pool", "fresh items (distinct items of its tier outside the held-out set), asked for 200000"),
+    ("inside", "is inside the run folder"),
 ])
 def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case, msg):
     out = tmp_path / "out"
@@ -119,8 +120,11 @@ def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case,
         args += ["--fresh", "-1"]
     elif case == "fresh pool":  # more distinct words than the tier has: refused, not drawn forever
         args += ["--fresh", "200000"]
+    elif case == "inside":  # an export inside its own run would become part of the run it copies
+        args[4] = str(finished_run / "evals" / "copy")
     else:
         args[2] = str(tmp_path)
     assert main(args) == 2
+    assert not (finished_run / "evals" / "copy").exists()
     assert msg in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "exists" else [])

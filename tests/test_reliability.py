@@ -258,6 +258,45 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sigkilled_train_leaves_no_prefect_server_behind(tmp_path):
+    """SIGKILL (the OOM killer's) runs no clean-up at all: the temporary Prefect server must
+    die with the CLI all the same, not live on listening, one orphan per crash."""
+    import time
+
+    marker = tmp_path / "hanging"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PICORL_FAULT": "update:1:hang",
+           "PICORL_FAULT_MARKER": str(marker)}
+    for k in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL"):
+        env.pop(k, None)
+    log = open(tmp_path / "train.log", "w")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "picorl"), "train", "--config", SMOKE,
+                          "--set", f"run.output_dir={tmp_path / 'out'}"],
+                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not marker.exists():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.2)
+        server = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "uvicorn"], capture_output=True, text=True).stdout
+        assert server.strip(), "no Prefect server child found while the flow ran"
+        p.kill()
+        assert p.wait(60) == -signal.SIGKILL
+        deadline = time.time() + 30
+        while True:  # the server, in the CLI's session, goes when its parent does
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
+                                                          capture_output=True, text=True).stdout
+            time.sleep(0.5)
+    finally:
+        kill_session(p)
+
+
 def test_a_run_folder_has_one_owner_and_a_dead_owner_keeps_nothing(tmp_path):
     from picorl.run_folder import RunLock, RunLocked
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from picorl.run_folder import RunLock; "
