@@ -112,8 +112,9 @@ def ablation_rows() -> list[str]:
 
 
 def headline_rows(exports: Path = EXPORTS) -> list[str]:
-    """One row per exported run (results/*/run.json) beside the reference run: greedy exact on the
-    held-out sets at the exported step, and on fresh items when the export ran --fresh."""
+    """One row per exported letter-counting run (results/*/run.json) beside the reference run:
+    greedy exact on the held-out sets at the exported step, and on fresh items when the export
+    ran --fresh. Runs of another environment are another task, not rows of this headline."""
     import yaml
 
     ds = ("d3", "d5", "d6")
@@ -122,6 +123,8 @@ def headline_rows(exports: Path = EXPORTS) -> list[str]:
     for run_json in sorted(exports.glob("*/run.json")):
         r = json.loads(run_json.read_text())
         cfg = yaml.safe_load((run_json.parent / "config.yaml").read_text())
+        if (cfg.get("env") or {}).get("name", "letter_counting") != "letter_counting":
+            continue
         lora = cfg["model"].get("lora", {})
         model = cfg["model"]["name"] + (f", LoRA r{lora.get('rank')}" if lora.get("enabled", True) else ", full fine-tune")
         model += f", {cfg['sft']['style']} SFT {cfg['sft']['steps']} x {cfg['sft']['batch_size']} + GRPO {r['step']} updates"

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def test_headline_has_a_row_per_exported_run_beside_the_reference(tmp_path):
                **time_summary(timings), "fresh_exact": {"d3": 0.953125, "d5": 0.9453125, "d6": 0.8984375},
                "fresh_n": 128}
     (run / "run.json").write_text(json.dumps(summary))
+    other = tmp_path / "2026-12-02-arithmetic"  # another task: not a row of the letter-counting headline
+    shutil.copytree(run, other)
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "env": {"name": "arithmetic", "options": {}}}))
     header, _, reference, row = headline_rows(tmp_path)
     assert "56.2% (peak)" in reference and header.count("|") == row.count("|") == reference.count("|")
     assert row.startswith("| [2026-12-01-smollm2-curriculum](results/2026-12-01-smollm2-curriculum/report.md) |")

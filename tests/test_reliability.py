@@ -213,13 +213,10 @@ def test_the_cli_creates_a_prefect_home_two_folders_deep(tmp_path):
     assert home.is_dir()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a service manager; a closed terminal
-def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
+def start_hanging_train(tmp_path):
+    """`picorl train` of the smoke config in a session of its own, hanging at update 1 (a fault
+    point) with Prefect's temporary server up; returns (process, its environment) once it hangs."""
     import time
-
-    from mlflow.tracking import MlflowClient
 
     marker = tmp_path / "hanging"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -231,25 +228,44 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
     p = subprocess.Popen([str(Path(sys.executable).parent / "picorl"), "train", "--config", SMOKE,
                           "--set", f"run.output_dir={tmp_path / 'out'}"],
                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    while not marker.exists():
+        if p.poll() is not None or time.time() > deadline:
+            kill_session(p)
+            raise AssertionError((tmp_path / "train.log").read_text()[-3000:])
+        time.sleep(0.2)
+    return p, env
+
+
+def wait_session_gone(p, timeout_s: float = 30) -> None:
+    """Wait until no process is left in p's session (p started it); fail listing what is."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
+                                                      capture_output=True, text=True).stdout
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # a service manager; a closed terminal
+def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
+    from mlflow.tracking import MlflowClient
+
+    p, env = start_hanging_train(tmp_path)
     try:
-        deadline = time.time() + 400
-        while not marker.exists():
-            assert p.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
-            time.sleep(0.2)
         p.send_signal(signum)  # to the CLI alone, as a service manager or a terminal would
         assert p.wait(120) == 128 + signum, (tmp_path / "train.log").read_text()[-3000:]
         text = (tmp_path / "train.log").read_text()
         assert "picorl train: terminated" in text and "Traceback" not in text
         assert "starting Prefect's local API server" in text
-        deadline = time.time() + 30
-        while True:  # the ephemeral server, a child in the same session, is gone too
-            try:
-                os.killpg(p.pid, 0)
-            except ProcessLookupError:
-                break
-            assert time.time() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
-                                                          capture_output=True, text=True).stdout
-            time.sleep(0.5)
+        wait_session_gone(p)  # the ephemeral server, a child in the same session, is gone too
     finally:
         kill_session(p)
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -263,36 +279,13 @@ def test_sigterm_marks_the_run_and_stops_prefects_server(tmp_path, signum):
 def test_a_sigkilled_train_leaves_no_prefect_server_behind(tmp_path):
     """SIGKILL (the OOM killer's) runs no clean-up at all: the temporary Prefect server must
     die with the CLI all the same, not live on listening, one orphan per crash."""
-    import time
-
-    marker = tmp_path / "hanging"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PICORL_FAULT": "update:1:hang",
-           "PICORL_FAULT_MARKER": str(marker)}
-    for k in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_API_URL"):
-        env.pop(k, None)
-    log = open(tmp_path / "train.log", "w")
-    p = subprocess.Popen([str(Path(sys.executable).parent / "picorl"), "train", "--config", SMOKE,
-                          "--set", f"run.output_dir={tmp_path / 'out'}"],
-                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    p, _ = start_hanging_train(tmp_path)
     try:
-        deadline = time.time() + 400
-        while not marker.exists():
-            assert p.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
-            time.sleep(0.2)
         server = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "uvicorn"], capture_output=True, text=True).stdout
         assert server.strip(), "no Prefect server child found while the flow ran"
         p.kill()
         assert p.wait(60) == -signal.SIGKILL
-        deadline = time.time() + 30
-        while True:  # the server, in the CLI's session, goes when its parent does
-            try:
-                os.killpg(p.pid, 0)
-            except ProcessLookupError:
-                break
-            assert time.time() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
-                                                          capture_output=True, text=True).stdout
-            time.sleep(0.5)
+        wait_session_gone(p)  # the server, in the CLI's session, goes when its parent does
     finally:
         kill_session(p)
 
