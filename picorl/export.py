@@ -90,12 +90,12 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: export into a new folder")
-    if out.resolve().is_relative_to(run_dir.resolve()):
-        raise ValueError(f"--out {out} is inside the run folder {run_dir}: export to a folder outside it "
-                         "(inside, it becomes part of the run it copies)")
     if fresh < 0:
         raise ValueError(f"--fresh must be >= 0 items per difficulty, got {fresh}")
     result = final_eval(run_dir, step)
+    if out.resolve().is_relative_to(run_dir.resolve()):  # checked once run_dir is known to be a run
+        raise ValueError(f"--out {out} is inside the run folder {run_dir}: export to a folder outside it "
+                         "(inside, it becomes part of the run it copies)")
     step = result["step"]
     run = RunFolder(run_dir)
     if checkpoint.adapter_path(run.checkpoint(step)) is None:
