@@ -24,8 +24,7 @@ def item_fields(items: list[dict]) -> list[str]:
     """The fields of eval items that their tables keep (the export's JSONL, MLflow's table): the
     record's fields as the environment wrote them (letter counting: difficulty, string, letters,
     answer), then GRADE_FIELDS."""
-    record = [k for k in (items[0] if items else {}) if k not in GRADE_FIELDS and k != "messages"]
-    return record + list(GRADE_FIELDS)
+    return (list(item_of(items[0])) if items else []) + list(GRADE_FIELDS)
 
 
 def item_of(item: dict) -> dict:

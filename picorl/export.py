@@ -126,7 +126,6 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
             summary["sft_exact"] = per_difficulty(first["by_difficulty"], "exact")
             summary["change"] = changes(first["items"], result["items"])
         if fresh:
-            cfg = load_config(run.config)
             sets = {d: fresh_records(d, fresh, env=env_of(cfg)) for d in cfg.eval.difficulties}  # one draw for both
             by_d, items = fresh_eval(cfg, tmp / "adapter", sets, progress)
             write_jsonl(eval_lines(items), tmp / "fresh_eval.jsonl")
