@@ -8,7 +8,9 @@
 Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV cache),
 `hf-static-compile` (static cache + torch.compile'd decode step), `graph` (our decode step over
 a static cache, CUDA graphs on a GPU: picorl/rollout/graph.py), `graph-compile` (the same step
-compiled by Inductor before it is captured: `rollout.graph_compile`), `vllm`.
+compiled by Inductor before it is captured: `rollout.graph_compile`), `graph-whole` (the eager
+step without compaction: every row of a chunk decodes until its longest row stops, the graph
+engine's CPU path before rows that stopped left the batch), `vllm`.
 Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
 new tokens counted per engine, the best of --repeats timed calls after one warm-up call
 (the warm-up pays any compile or graph capture; its seconds are reported as `warmup_s`);
@@ -64,7 +66,8 @@ def make_engine(name, model, tok, args):
         return HFEngine(model, tok, batch_size=args.prompts, progress=False, cache=cache, compile="compile" in name)
     if name.startswith("graph"):
         from picorl.rollout.graph import GraphEngine
-        return GraphEngine(model, tok, batch_size=args.prompts, progress=False, compile_step=name == "graph-compile")
+        return GraphEngine(model, tok, batch_size=args.prompts, progress=False, compile_step=name == "graph-compile",
+                           compact=name != "graph-whole")
     from picorl.rollout.vllm import VLLMEngine
     return VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
@@ -79,7 +82,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"],
-                    choices=["hf", "hf-static", "hf-static-compile", "graph", "graph-compile", "vllm"])
+                    choices=["hf", "hf-static", "hf-static-compile", "graph", "graph-compile", "graph-whole", "vllm"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
     torch.manual_seed(0)
