@@ -332,7 +332,7 @@ def cmd_join(args) -> None:
 
 
 def config_table() -> str:
-    """Every config knob as a markdown table (the README's reference section)."""
+    """Every config knob as a markdown table (docs/config.md's reference)."""
     from picorl.config import describe
 
     rows = ["| key | default | what it does |", "|---|---|---|"]

@@ -24,7 +24,7 @@ base that is already `direct`) is the base run and is not run twice.
 The result, bench/results/ablation-<machine>-<config name>.json, is written after every row,
 so an interrupted ablation keeps the rows it finished; rerunning with the same base config
 on the same machine redoes only the rows asked for. `python -m bench.table --write` puts
-the table in the README.
+the table in docs/benchmarks.md.
 """
 from __future__ import annotations
 

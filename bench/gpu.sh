@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the fast-engine work, in order of importance, on a machine with one
 # CUDA GPU and requirements.txt installed. Each benchmark writes bench/results/*.json naming
-# the GPU; `python -m bench.table --write` then rebuilds the README's tables. About 12 minutes
+# the GPU; `python -m bench.table --write` then rebuilds the README's headline and docs/benchmarks.md. About 12 minutes
 # on one H100; a step that fails stops the script, so the figures before it are kept.
 #
 #   bash bench/gpu.sh 2>&1 | tee gpu.log

@@ -1,11 +1,12 @@
-"""The README's benchmark tables, built from the JSON files in bench/results/, and its headline
-table, built from the exported runs in results/ (`picorl export` writes their run.json).
+"""The benchmark tables (docs/benchmarks.md), built from the JSON files in bench/results/, and
+the README's headline table, built from the exported runs in results/ (`picorl export` writes
+their run.json).
 
     python -m bench.table            # print the tables
-    python -m bench.table --write    # replace the blocks between the README's markers
+    python -m bench.table --write    # replace the blocks between the markers in both pages
 
-Every figure comes from a result file, and a test checks that the README's block equals
-this script's output, so the README cannot drift from what was measured.
+Every figure comes from a result file, and a test checks that each page's block equals this
+script's output, so neither page can drift from what was measured.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench tables: python -m bench.table --write -->", "<!-- end of bench tables -->"
 HEAD_BEGIN, HEAD_END = "<!-- headline: python -m bench.table --write -->", "<!-- end of headline -->"
 EXPORTS = ROOT / "results"
+README, BENCH_PAGE = ROOT / "README.md", ROOT / "docs" / "benchmarks.md"  # where each block lives
 # The reference: the earlier picoRL's training report (configs/seed_qwen3_4b.yaml is its config).
 # Its report gives the d6 peak only; the other cells stay empty rather than guessed.
 REFERENCE = ("reference run (earlier picoRL)", "Qwen3-4B-Instruct-2507, LoRA r32, direct SFT + GRPO, partial reward",
@@ -163,20 +165,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    blocks = [(HEAD_BEGIN, HEAD_END, headline_markdown()), (BEGIN, END, markdown())]
+    blocks = [(README, HEAD_BEGIN, HEAD_END, headline_markdown()), (BENCH_PAGE, BEGIN, END, markdown())]
     if not args.write:
-        print("\n\n".join(text for _, _, text in blocks))
+        print("\n\n".join(text for _, _, _, text in blocks))
         return 0
-    readme = ROOT / "README.md"
-    s = readme.read_text()
-    for begin, end, text in blocks:
-        if begin not in s or end not in s:
-            print(f"README.md lacks a marker: add {begin!r} and {end!r} lines first", file=sys.stderr)
+    for page, begin, end, text in blocks:  # every marker checked before any page is written
+        if begin not in page.read_text() or end not in page.read_text():
+            print(f"{page.relative_to(ROOT)} lacks a marker: add {begin!r} and {end!r} lines first", file=sys.stderr)
             return 1
-        head, rest = s.split(begin, 1)
-        s = head + text + rest.split(end, 1)[1]
-    readme.write_text(s)
-    print("README.md headline and bench tables updated")
+    for page, begin, end, text in blocks:
+        head, rest = page.read_text().split(begin, 1)
+        page.write_text(head + text + rest.split(end, 1)[1])
+    print("README.md headline and docs/benchmarks.md tables updated")
     return 0
 
 

@@ -478,7 +478,7 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every knob, for `picorl config` and the README."""
+    """(key, default, help) for every knob, for `picorl config` and docs/config.md."""
     rows = []
     defaults = cls()
     for f in dataclasses.fields(cls):

@@ -180,7 +180,7 @@ def sft_lr(step: int, steps: int, lr: float, schedule: str = "constant", warmup_
         step 0 -> 1e-3, step 50 -> 5e-4, step 99 -> 2.5e-7
     Why decay: the last steps then take small steps in a minimum the large ones found, and the
     greedy chain has to be right at every one of ~160 tokens, so a lower final loss could
-    matter. At 200 x 8 on a CPU it lowered the final loss but not the d3 score (README).
+    matter. At 200 x 8 on a CPU it lowered the final loss but not the d3 score (docs/cot-sft.md).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"sft.lr_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")

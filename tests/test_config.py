@@ -124,7 +124,16 @@ def test_shipped_configs_validate(path):
     load_config(path)
 
 
-def test_readme_lists_every_config_key_with_its_default():
+def test_docs_list_every_config_key_with_its_default():
     from cli import config_table
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert config_table() in page, "docs/config.md's reference is stale: paste `picorl config` into it"
+
+
+def test_the_readme_config_example_validates(tmp_path):
+    import re
     readme = (ROOT / "README.md").read_text()
-    assert config_table() in readme, "README's config reference is stale: paste `picorl config` into it"
+    example = re.search(r"## A config\n.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "example.yaml").write_text(example)
+    cfg = load_config(tmp_path / "example.yaml")
+    assert cfg.stages[0].difficulty == 3 and cfg.rollout.engine == "graph"

@@ -240,7 +240,7 @@ def grade(completion: str, letters: list[str], answer: dict) -> dict:
 # Why it was tried: the model reads the string as multi-letter tokens, and the 135M model's
 # cot misses are mostly misspellings. Here the place in the string is explicit: copying the
 # next token is a lookup of the prompt, and spelling it needs only that token, right before.
-# What it showed (README, Chain-of-thought SFT): at d3 it scores as cot does, every token is
+# What it showed (docs/cot-sft.md): at d3 it scores as cot does, every token is
 # copied right, and the misses spell a token wrong; so cot, shorter, stays the default.
 # The line's token is the same token id as in the prompt (it follows a newline, as the
 # string follows a quote). The line heads cost tokens: over the first 64 held-out
