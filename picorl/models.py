@@ -242,41 +242,54 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
         raise BadModelError(f"adapter {adapter_dir} does not fit this model: {str(e).splitlines()[0][:300]}") from None
 
 
-def model_shape(name: str, trust_remote_code: bool = False) -> tuple[set[str], int | None]:
-    """(last components of every module name, context length in tokens) of model `name`, from
-    its config alone (no weights)."""
+def model_shape(name: str, trust_remote_code: bool = False) -> tuple[dict[str, int | None], int | None]:
+    """({last component of every module name: the smallest side of its linear layers, None for
+    other modules}, context length in tokens) of model `name`, from its config alone (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name == TINY:
-        model = tiny_llama(64, hidden_size=8, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
-                           num_hidden_layers=1)
-        return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}, model.config.max_position_embeddings
-    path = resolve_model(name)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadModelError(f"model '{name}': its config.json cannot be read ({str(e).splitlines()[0][:300]})") from None
-    with torch.device("meta"):  # shapes only: no memory, no weights read
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    context = getattr(config, "max_position_embeddings", None)
-    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}, context
+        with torch.device("meta"):
+            model = tiny_llama(64, num_hidden_layers=1)  # tiny_llama's shapes; one layer holds every name
+    else:
+        path = resolve_model(name)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise BadModelError(f"model '{name}': its config.json cannot be read ({str(e).splitlines()[0][:300]})") from None
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    sides: dict[str, int | None] = {}
+    for n, mod in model.named_modules():
+        last = n.rsplit(".", 1)[-1]
+        side = min(mod.in_features, mod.out_features) if isinstance(mod, torch.nn.Linear) else None
+        sides[last] = side if sides.get(last) is None else min(sides[last], side or sides[last])
+    return sides, getattr(model.config, "max_position_embeddings", None)
 
 
 def check_model(model_cfg, new_tokens: dict[str, int] | None = None) -> None:
     """Before any work: the device exists, the model resolves, every LoRA target module exists
-    in it, and each of `new_tokens` ({config key: most new tokens}) leaves room for a prompt in
-    the model's context: a billion new tokens would otherwise decode until memory runs out."""
+    in it (and is no narrower than the adapter's rank), and each of `new_tokens` ({config key:
+    most new tokens}) leaves room for a prompt in the model's context: a billion new tokens
+    would otherwise decode until memory runs out."""
     pick_device(model_cfg.device)
-    names, context = model_shape(model_cfg.name, model_cfg.trust_remote_code)
+    sides, context = model_shape(model_cfg.name, model_cfg.trust_remote_code)
     for key, n in (new_tokens or {}).items():
         if context is not None and n >= context:
             raise BadModelError(f"{key}={n} leaves no room for a prompt in {model_cfg.name}'s context of "
                                 f"{context} tokens; it must be below {context}")
     if model_cfg.lora.enabled:
-        missing = [t for t in model_cfg.lora.target_modules if t not in names]
+        missing = [t for t in model_cfg.lora.target_modules if t not in sides]
         if missing:
             raise BadModelError(f"model.lora.target_modules: {missing} not found in {model_cfg.name} "
-                                f"(it has e.g. {sorted(n for n in names if n.endswith('proj'))})")
+                                f"(it has e.g. {sorted(n for n in sides if n.endswith('proj'))})")
+        # An update B @ A of an m x n weight has rank at most min(m, n): a larger rank adds
+        # parameters (rank x (m + n) each) and memory, and nothing the update can express.
+        narrow = {t: sides[t] for t in model_cfg.lora.target_modules if sides[t] is not None}
+        if narrow and model_cfg.lora.rank > min(narrow.values()):
+            t = min(narrow, key=narrow.get)
+            raise BadModelError(f"model.lora.rank={model_cfg.lora.rank} is above {t}'s smallest side in "
+                                f"{model_cfg.name} ({narrow[t]}): an adapter's update has rank at most "
+                                f"{narrow[t]} there; use model.lora.rank <= {narrow[t]}")
 
 
 def check_model_for_config(cfg) -> None:

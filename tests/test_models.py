@@ -32,6 +32,24 @@ def test_lora_names_missing_targets(tiny_model):
         models.add_lora(tiny_model, target_modules=["q_proj", "c_attn"])
 
 
+def test_a_lora_rank_above_a_targets_smallest_side_is_refused_before_loading():
+    from picorl.config import Config
+    cfg = Config()
+    cfg.model.name = models.TINY
+    # tiny_llama: hidden 64, 2 key/value heads of 16, so k_proj and v_proj are 64 x 32
+    for rank in (4, 32):
+        cfg.model.lora.rank = rank
+        models.check_model(cfg.model)
+    cfg.model.lora.rank = 33
+    with pytest.raises(models.BadModelError, match=r"model.lora.rank=33 is above (k|v)_proj's smallest side in "
+                                                     r"tiny-random-llama \(32\).*use model.lora.rank <= 32"):
+        models.check_model(cfg.model)
+    cfg.model.lora.target_modules = ["q_proj", "gate_proj"]  # only the 64-wide ones: 33 fits
+    models.check_model(cfg.model)
+    shape, _ = models.model_shape(models.TINY)
+    assert shape["k_proj"] == 32 and shape["q_proj"] == 64 and shape["gate_proj"] == 64
+
+
 def test_missing_model_says_what_and_where(tmp_path):
     with pytest.raises(models.ModelNotFoundError, match="'no-such/model' not found.*local Hugging Face cache"):
         models.resolve_model("no-such/model")
