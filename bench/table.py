@@ -169,12 +169,13 @@ def main() -> int:
     if not args.write:
         print("\n\n".join(text for _, _, _, text in blocks))
         return 0
-    for page, begin, end, text in blocks:  # every marker checked before any page is written
-        if begin not in page.read_text() or end not in page.read_text():
+    texts = {page: page.read_text() for page, *_ in blocks}
+    for page, begin, end, _ in blocks:  # every marker checked before any page is written
+        if begin not in texts[page] or end not in texts[page]:
             print(f"{page.relative_to(ROOT)} lacks a marker: add {begin!r} and {end!r} lines first", file=sys.stderr)
             return 1
     for page, begin, end, text in blocks:
-        head, rest = page.read_text().split(begin, 1)
+        head, rest = texts[page].split(begin, 1)
         page.write_text(head + text + rest.split(end, 1)[1])
     print("README.md headline and docs/benchmarks.md tables updated")
     return 0

@@ -262,7 +262,8 @@ def model_shape(name: str, trust_remote_code: bool = False) -> tuple[dict[str, i
     for n, mod in model.named_modules():
         last = n.rsplit(".", 1)[-1]
         side = min(mod.in_features, mod.out_features) if isinstance(mod, torch.nn.Linear) else None
-        sides[last] = side if sides.get(last) is None else min(sides[last], side or sides[last])
+        known = [s for s in (sides.get(last), side) if s is not None]
+        sides[last] = min(known) if known else None
     return sides, getattr(model.config, "max_position_embeddings", None)
 
 
@@ -285,8 +286,8 @@ def check_model(model_cfg, new_tokens: dict[str, int] | None = None) -> None:
         # An update B @ A of an m x n weight has rank at most min(m, n): a larger rank adds
         # parameters (rank x (m + n) each) and memory, and nothing the update can express.
         narrow = {t: sides[t] for t in model_cfg.lora.target_modules if sides[t] is not None}
-        if narrow and model_cfg.lora.rank > min(narrow.values()):
-            t = min(narrow, key=narrow.get)
+        t = min(narrow, key=narrow.get, default=None)
+        if t is not None and model_cfg.lora.rank > narrow[t]:
             raise BadModelError(f"model.lora.rank={model_cfg.lora.rank} is above {t}'s smallest side in "
                                 f"{model_cfg.name} ({narrow[t]}): an adapter's update has rank at most "
                                 f"{narrow[t]} there; use model.lora.rank <= {narrow[t]}")

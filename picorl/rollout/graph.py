@@ -263,8 +263,7 @@ class GraphEngine:
         Each step still draws one uniform per chunk row and a row takes its own, so a seeded
         call samples the same tokens either way (tests/test_graph_engine.py pins it).
         """
-        slot_rows = list(range(n))  # the chunk row each live slot holds
-        kept: dict[int, tuple[list[int], list[float]]] = {}  # rows that left: their tokens and log-probs
+        kept: dict[int, tuple[list[int], list[float]]] = {}  # chunk row -> its tokens and log-probs
         st.slots[:rows] = torch.arange(rows, device=st.slots.device)
         active, steps = n, 1
         run = self._step_fn(st, active, greedy, nucleus, draws=rows)
@@ -278,8 +277,8 @@ class GraphEngine:
                 break
             if stopped * 4 >= active:
                 live = (~done).nonzero().squeeze(1)
-                for i in done.nonzero().squeeze(1).tolist():
-                    kept[slot_rows[i]] = (st.tokens[i, :steps].tolist(), st.logprobs[i, :steps].tolist())
+                for i in done.nonzero().squeeze(1).tolist():  # st.slots[i]: the chunk row slot i holds
+                    kept[int(st.slots[i])] = (st.tokens[i, :steps].tolist(), st.logprobs[i, :steps].tolist())
                 active, columns = len(live), int(st.column)
                 # gathered before written: the right sides are copies, so live rows may move onto each other
                 st.cache[:, :, :active, :, :columns] = st.cache[:, :, live, :, :columns]
@@ -287,9 +286,8 @@ class GraphEngine:
                     buf[:active, :steps] = buf[live, :steps]
                 for buf in (st.current, st.positions, st.pad, st.done, st.slots):
                     buf[:active] = buf[live]
-                slot_rows = [slot_rows[i] for i in live.tolist()]
                 run = self._step_fn(st, active, greedy, nucleus, draws=rows)
-        for i, r in enumerate(slot_rows):
+        for i, r in enumerate(st.slots[:active].tolist()):
             kept[r] = (st.tokens[i, :steps].tolist(), st.logprobs[i, :steps].tolist())
         return [kept[r][0] for r in range(n)], [kept[r][1] for r in range(n)]
 
