@@ -1,7 +1,7 @@
 """The `picorl` command: gen, eval, train, export, config.
 
 The entry point sits above everything else: `train` hands over to the Prefect flow in
-flows/train.py (cli -> flows -> tasks -> picorl); the other commands call the library,
+flows/train.py (cli -> flows -> tasks -> tracking -> picorl); the other commands call the library,
 which never imports prefect or mlflow.
 
 Errors the user can fix (a bad value, a missing file) print one line naming it and exit 2;
@@ -131,7 +131,7 @@ def registered_model(args):
     # weights are in memory.
     with tempfile.TemporaryDirectory(prefix="picorl-registered-") as into:
         try:
-            from tasks.registry import download_registered
+            from tracking.registry import download_registered
             config, ckpt = download_registered(args.model, into)
         except Exception as e:  # no such model or version, MLflow unreachable, mlflow not installed
             raise UsageError(f"--model {args.model}: {str(e).splitlines()[0][:300]}") from None
@@ -155,7 +155,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def dry_run(cfg, model_problem: str | None) -> None:
-    """Print the plan; a model that is not on this machine is a warning here (the plan may be for another)."""
+    """Print the plan, and the model's problem on this machine as a warning."""
     from picorl.plan import describe_plan
 
     print(describe_plan(cfg))
@@ -246,45 +246,37 @@ def terminate_as_interrupt(signum, frame):
 
 def cmd_train(args) -> None:
     import os
-    import signal
 
-    from picorl import models
-    from picorl.config import ConfigError, load_config
+    from picorl.config import ConfigError, load_config, to_dict
+    from picorl.preflight import check_config, model_problem
 
     for key in ("nproc_per_node", "nnodes", "rdzv_endpoint"):
         if getattr(args, key) is not None:
             args.set = [*args.set, f"run.{key}={getattr(args, key)}"]
     try:
         cfg = load_config(args.config, args.set)  # fail on a bad config before importing the orchestrator
+        if args.dry_run:  # a model that is not on this machine is a warning here (the plan may be for another)
+            dry_run(cfg, model_problem(cfg))
+            return
+        check_config(cfg, resume=args.resume is not None)  # the model's config and the output folder, once
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    try:
-        models.check_model_for_config(cfg)  # from the model's config: no weights are loaded
-        model_problem = None
-    except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
-        model_problem = str(e)
-    if args.dry_run:
-        dry_run(cfg, model_problem)
-        return
-    if model_problem:
-        raise UsageError(model_problem)
-    from picorl.run_folder import output_dir_problem
-    problem = output_dir_problem(cfg.run.output_dir)
-    if problem:
-        raise UsageError(problem)
     prefect_environment()
     try:
-        from flows.train import train
+        from flows.train import resumable_run_dir, train
     except ImportError as e:
         raise UsageError(f"`picorl train` runs the Prefect flow and needs prefect and mlflow installed: {e}") from None
+    if args.resume:
+        try:  # MLflow alone knows the run: a bad --resume is refused before Prefect's server starts
+            resumable_run_dir(args.resume, args.set)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
     if not os.environ.get("PREFECT_API_URL"):
         print(f"starting Prefect's local API server (a first start can take a minute; "
               f"waiting up to {os.environ[STARTUP_TIMEOUT]} s)", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, terminate_as_interrupt)
-    signal.signal(signal.SIGHUP, terminate_as_interrupt)
     try:
         with local_prefect_server():
-            train(config_path=args.config, overrides=args.set, resume=args.resume)
+            train(config=to_dict(cfg), overrides=args.set, resume=args.resume)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:
@@ -314,11 +306,11 @@ def export_mlflow_records(run_dir, out) -> dict:
     """The run's MLflow records into out/mlruns; on failure none of them stay (the export does)."""
     import shutil
 
-    from tasks import tracking
+    from tracking import runs
     try:
-        return tracking.export_records(run_dir, out)
+        return runs.export_records(run_dir, out)
     except Exception as e:  # MLflow down, or no run for this folder: the rest of the export stands
-        shutil.rmtree(out / tracking.PORTABLE_STORE, ignore_errors=True)
+        shutil.rmtree(out / runs.PORTABLE_STORE, ignore_errors=True)
         raise UsageError(f"exported {out}, but not its MLflow records: {str(e).splitlines()[0][:300]}") from None
 
 
@@ -402,7 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    # Every command ends on SIGTERM or SIGHUP as on Ctrl-C: what it was writing is removed
+    # (an export's temporary folder), a run is marked, and the exit status says which signal.
+    # The caller's handlers come back afterwards (main may run inside another program).
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    before = {s: signal.signal(s, terminate_as_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
         args.func(args)
     except UsageError as e:
@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(e, Terminated)
         print(f"picorl {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 128 + (e.signum if terminated else 2)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
     return 0
 
 

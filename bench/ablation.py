@@ -39,7 +39,7 @@ from pathlib import Path
 from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl.config import ConfigError, flatten, load_config, to_dict
 from picorl.export import time_summary
-from picorl.pipeline import read_timings
+from picorl.run_records import read_timings
 from picorl.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench.common import machine, machine_tag, write_result
-from picorl import pipeline
+from picorl import pipeline, run_records, session
 from picorl.config import load_config
 from picorl.parallel import run_chunk_parallel
 from picorl.plan import Chunk
@@ -44,10 +44,10 @@ def main() -> int:
         f"run.chunk_updates={args.updates}", "model.dtype=float32"])
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        pipeline.prepare_run_dir(cfg, base)
+        run_records.prepare_run_dir(cfg, base)
         pipeline.build_data(cfg, base)
         pipeline.run_sft(cfg, base, progress=False)
-        pipeline.clear_sessions()
+        session.clear_sessions()
         runs = {}
         for label in ("one", "launch", "ranks"):
             shutil.copytree(base, Path(tmp) / label)

@@ -41,7 +41,7 @@ from picorl.envs import default_env, env_of
 from picorl.files import atomic_write_text
 from picorl.evaluate import evaluate_records, paired_change
 from picorl.models import load_for_config
-from picorl.pipeline import engine_for_config, eval_engine
+from picorl.session import engine_for_config, eval_engine
 from picorl.rollout import Sampling
 from picorl.sft import train_sft
 from picorl.trainer import GRPOTrainer

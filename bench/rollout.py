@@ -32,7 +32,7 @@ import torch
 from bench.common import machine, machine_tag, write_result
 from picorl import data, models
 from picorl.rollout import Sampling
-from picorl.rollout.hf import HFEngine
+from picorl.session import build_engine
 
 
 def timed(engine, prompts, sampling, repeats):
@@ -61,17 +61,17 @@ def greedy_ids(engine, prompts, max_tokens):
 
 
 def make_engine(name, model, tok, args):
+    """The engine a bench name stands for (hf, hf-static, hf-static-compile, graph, graph-whole,
+    graph-compile, vllm), built as the pipeline builds it."""
     if name.startswith("hf"):
-        cache = "static" if "static" in name else "dynamic"
-        return HFEngine(model, tok, batch_size=args.prompts, progress=False, cache=cache, compile="compile" in name)
+        return build_engine("hf", model, tok, batch_size=args.prompts, progress=False,
+                            hf_cache="static" if "static" in name else "dynamic", hf_compile="compile" in name)
     if name.startswith("graph"):
-        from picorl.rollout.graph import GraphEngine
-        return GraphEngine(model, tok, batch_size=args.prompts, progress=False, compile_step=name == "graph-compile",
-                           compact=name != "graph-whole")
-    from picorl.rollout.vllm import VLLMEngine
-    return VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
-                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048,
-                      lora_rank=32, progress=False)
+        return build_engine("graph", model, tok, batch_size=args.prompts, progress=False,
+                            graph_compile=name == "graph-compile", compact=name != "graph-whole")
+    return build_engine("vllm", model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
+                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048, lora_rank=32,
+                        progress=False)
 
 
 def main() -> int:

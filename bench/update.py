@@ -100,7 +100,7 @@ def summarise(per_update: list[dict], keys) -> dict:
 
 def run_picorl(args) -> dict:
     """Time `args.updates` picoRL updates; returns the figures."""
-    from picorl.pipeline import engine_for_config
+    from picorl.session import engine_for_config
     from picorl.trainer import GRPOTrainer
 
     cfg = bench_config(args)

@@ -1,6 +1,6 @@
 """Evaluate a model (+ adapter, or an MLflow run's checkpoint) on the held-out sets; log to MLflow.
 
-    evaluate -> log (tasks/evaluation.py)
+    evaluate -> log (tasks/evaluation.py; the MLflow side in tracking/runs.py)
 
     python -m flows.evaluate --run RUN_ID                 # the run's latest checkpoint
     python -m flows.evaluate --model smollm2-135m-instruct --adapter path/to/adapter
@@ -12,7 +12,8 @@ import argparse
 from prefect import flow
 
 from picorl import data, models
-from tasks.evaluation import adapter_of_run, evaluate_model, log_evaluation
+from tasks.evaluation import evaluate_model, log_evaluation
+from tracking.runs import adapter_of_run
 
 
 @flow(name="picorl-evaluate")

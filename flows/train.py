@@ -12,23 +12,15 @@ from pathlib import Path
 
 from prefect import flow, runtime
 
-from picorl import pipeline
-from picorl.config import ConfigError, load_config
+from picorl import run_records
+from picorl.config import ConfigError, config_from_dict, to_dict
 from picorl.parallel import release_nodes
 from picorl.plan import chunks
-from picorl.run_folder import RunFolder, RunLock, RunLocked, output_dir_problem
+from picorl.preflight import checked_config
+from picorl.run_folder import RunFolder, RunLock, RunLocked
 from tasks import pipeline_tasks as t
-from tasks import tracking
 from tasks.registry import register_final_model
-
-
-def check_model_config(cfg) -> None:
-    """The model resolves and its LoRA targets exist, checked from its config before any work."""
-    from picorl import models
-    try:
-        models.check_model_for_config(cfg)
-    except (models.ModelNotFoundError, models.BadModelError, models.NoDeviceError) as e:
-        raise ConfigError(str(e)) from None
+from tracking import runs
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -51,7 +43,7 @@ def check_config_path(config_path: str | None, deployed: bool) -> None:
 
 def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
     """A resumed run keeps the config it started with: an override that would change it is refused."""
-    from picorl.config import flatten, parse_override, to_dict
+    from picorl.config import flatten, parse_override
 
     kept = flatten(to_dict(run_cfg))
     changed = []
@@ -64,32 +56,43 @@ def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
                           f"{', '.join(changed)}. Drop them, or start a new run")
 
 
+def resumable_run_dir(resume: str, overrides: list[str] | None = None) -> str:
+    """The run folder of MLflow parent run `resume`, refused (ConfigError) when there is none, the
+    run is finished, or an override would change its config. MLflow alone is asked, so
+    `picorl train --resume` checks this before it starts Prefect."""
+    try:
+        run_dir = runs.run_dir_of(resume)
+    except LookupError as e:
+        raise ConfigError(f"--resume {resume}: {e}") from None
+    if not run_dir or not RunFolder(run_dir).config.is_file():
+        raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
+    if runs.run_status(resume) == "FINISHED":  # resuming would only report and register it again
+        raise ConfigError(f"--resume {resume}: that run is finished (report: {RunFolder(run_dir).report}); "
+                          "there is nothing left to train. Start a new run, or `picorl export` this one")
+    refuse_changes_on_resume(run_records.run_config(run_dir), overrides)
+    return run_dir
+
+
 def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, RunLock]:
-    """The MLflow parent run and run folder (new, or those of the run being resumed), locked."""
+    """The run handle ({run_dir, parent_run_id, config}: the MLflow parent run, the run folder and
+    the resolved config, of a new run or of the run being resumed) and the folder's lock."""
     flow_run_id = str(runtime.flow_run.id or "local")
     if resume:
-        try:
-            run_dir = tracking.run_dir_of(resume)
-        except LookupError as e:
-            raise ConfigError(f"--resume {resume}: {e}") from None
-        if not run_dir or not RunFolder(run_dir).config.is_file():
-            raise ConfigError(f"--resume {resume}: run has no picorl run folder (tag picorl.run_dir={run_dir!r})")
-        if tracking.run_status(resume) == "FINISHED":  # resuming would only report and register it again
-            raise ConfigError(f"--resume {resume}: that run is finished (report: {RunFolder(run_dir).report}); "
-                              "there is nothing left to train. Start a new run, or `picorl export` this one")
-        refuse_changes_on_resume(pipeline.run_config(run_dir), overrides)
+        run_dir = resumable_run_dir(resume, overrides)
         lock = RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
-        tracking.reopen_parent_run(resume, flow_run_id)
-        return {"run_dir": run_dir, "parent_run_id": resume}, lock
+        runs.reopen_parent_run(resume, flow_run_id)
+        # a resumed run keeps the config it started with: its folder's
+        return {"run_dir": run_dir, "parent_run_id": resume,
+                "config": to_dict(run_records.run_config(run_dir))}, lock
     run_dir = RunFolder.new_path(cfg.run.output_dir, cfg.run.name, flow_run_id)
     try:
-        pipeline.prepare_run_dir(cfg, run_dir)
+        run_records.prepare_run_dir(cfg, run_dir)
     except OSError as e:  # a read-only or full run.output_dir: before any MLflow run exists
         raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: cannot create the run folder "
                           f"{run_dir}: {e.strerror or e}") from None
     lock = RunLock(run_dir)
-    parent = tracking.open_parent_run(cfg, run_dir, RunFolder(run_dir).config, flow_run_id)
-    return {"run_dir": str(run_dir), "parent_run_id": parent}, lock
+    parent = runs.open_parent_run(cfg, run_dir, RunFolder(run_dir).config, flow_run_id)
+    return {"run_dir": str(run_dir), "parent_run_id": parent, "config": to_dict(cfg)}, lock
 
 
 def with_nproc(overrides: list[str] | None, nproc_per_node: int | None) -> list[str]:
@@ -99,15 +102,19 @@ def with_nproc(overrides: list[str] | None, nproc_per_node: int | None) -> list[
 
 @flow(name="picorl-train")
 def train(config_path: str | None = None, overrides: list[str] | None = None, resume: str | None = None,
-          nproc_per_node: int | None = None) -> dict:
-    """nproc_per_node: GPUs of the worker's machine that train each GRPO chunk (torchrun); None keeps the config's."""
-    overrides = with_nproc(overrides, nproc_per_node)
-    check_config_path(config_path, deployed=runtime.deployment.id is not None)
-    cfg = load_config(config_path, overrides)  # validated before any task runs
-    check_model_config(cfg)
-    problem = None if resume else output_dir_problem(cfg.run.output_dir)
-    if problem:
-        raise ConfigError(problem)
+          nproc_per_node: int | None = None, config: dict | None = None) -> dict:
+    """config_path + overrides: the run's config, loaded and checked here (a deployment's run).
+    config: instead, a resolved config that its caller loaded and checked (`picorl train` passes
+    it; overrides are then only held against a resumed run's config).
+    nproc_per_node: GPUs of the worker's machine that train each GRPO chunk (torchrun); None keeps the config's."""
+    if config is not None:
+        if config_path is not None or nproc_per_node is not None:
+            raise ConfigError("config= is a resolved config: config_path and nproc_per_node go with a config file")
+        cfg = config_from_dict(config)
+    else:
+        overrides = with_nproc(overrides, nproc_per_node)
+        check_config_path(config_path, deployed=runtime.deployment.id is not None)
+        cfg = checked_config(config_path, overrides, resume=bool(resume))  # before any task runs
     try:
         run, lock = open_run(cfg, resume, overrides)
     except RunLocked as e:
@@ -127,14 +134,14 @@ def train(config_path: str | None = None, overrides: list[str] | None = None, re
             out["registered"] = register_final_model.with_options(**opts)(run, cfg.run.registered_model)
     except BaseException:
         try:
-            tracking.close_parent_run(run["parent_run_id"], "FAILED")
+            runs.close_parent_run(run["parent_run_id"], "FAILED")
         except Exception as e:  # e.g. MLflow itself is down: the original error matters more
             print(f"could not mark MLflow run {run['parent_run_id']} FAILED: {e}")
         raise
     finally:
         release_nodes(run["run_dir"])  # machines that joined its chunks (run.nnodes > 1) may leave
         lock.release()
-    hint = tracking.close_parent_run(run["parent_run_id"], "FINISHED")
+    hint = runs.close_parent_run(run["parent_run_id"], "FINISHED")
     for line in out.get("gains", []):
         print(line)
     print(f"report: {out['report']}")

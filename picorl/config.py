@@ -379,6 +379,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key.split(".")[0] == "stages" and "stages" not in raw:
             raw["stages"] = to_dict(Config())["stages"]
         _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """The validated Config of a nested dict (a YAML mapping, or `to_dict` of a config: what
+    `picorl train` hands the flow, and the flow its tasks, so that nothing reads the YAML twice)."""
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg

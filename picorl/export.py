@@ -37,9 +37,11 @@ from picorl.config import load_config
 from picorl.data import check_fresh_size, fresh_records, write_jsonl
 from picorl.envs import env_of
 from picorl.evaluate import item_fields
+from picorl.faults import fault_point
 from picorl.files import atomic_folder
-from picorl.pipeline import eval_engine, read_timings
 from picorl.run_folder import RunFolder
+from picorl.run_records import read_timings
+from picorl.session import eval_engine
 
 
 def final_eval(run_dir: Path, step: int | None = None) -> dict:
@@ -116,6 +118,7 @@ def export_run(run_dir, out, step: int | None = None, fresh: int = 0, progress: 
         for p in needed:
             shutil.copy2(p, tmp / p.name)
         checkpoint.copy_adapter(run.checkpoint(step), tmp / "adapter")
+        fault_point("export", step)
         write_jsonl(eval_lines(result["items"]), tmp / "final_eval.jsonl")
         summary = {"step": step, "exact": per_difficulty(result["by_difficulty"], "exact"),
                    "n": per_difficulty(result["by_difficulty"], "n"), **time_summary(read_timings(run_dir))}

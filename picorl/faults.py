@@ -7,7 +7,8 @@ Armed by environment variables, so a test can arm a subprocess it is about to ki
     PICORL_FAULT_MARKER=/tmp/fired   fire only once: the marker file is created when it fires,
                                      and an existing marker disarms the fault (so a retry succeeds)
 Points: sft (after SFT step N), rollout (after the rollouts of update N), update (after update N), checkpoint (mid-write of step_N),
-eval (before eval at step N), log (before logging rows of step N).
+eval (before eval at step N), log (before logging rows of step N), export (once the adapter of step N
+is copied into the export's temporary folder).
 Unarmed, `fault_point` is one dictionary lookup.
 """
 from __future__ import annotations

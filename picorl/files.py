@@ -66,6 +66,9 @@ def atomic_folder(target: str | Path, *, replace: bool = False, lost_race_ok: bo
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        # mkdtemp makes the folder 0700: the finished one gets the umask's mode, as mkdir would
+        # give it, so that a team reading checkpoints on shared storage can open them.
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if fsync:
             _fsync_tree(tmp)

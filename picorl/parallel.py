@@ -7,8 +7,8 @@ For a chunk, every rank restores the chunk's starting checkpoint and runs the up
 its share of each update's tasks; for SFT, every rank starts from the base model and trains
 on its share of each step's batch (picorl/distributed.py, picorl/sft.py). Rank 0 alone
 writes the checkpoint, the timings and the result (nodes/ID.result.json in the run folder).
-`run_sft_parallel` and `run_chunk_parallel` are how the pipeline launches them
-(`run.nproc_per_node` > 1 or `run.nnodes` > 1).
+`run_any_sft` and `run_any_chunk` run a step here, or launch it so (`run_sft_parallel`,
+`run_chunk_parallel`) when `run.nproc_per_node` > 1 or `run.nnodes` > 1.
 
 Several machines: the flow's machine publishes each chunk as nodes/ID.request.json in the
 run folder, then starts its torchrun agent with a c10d rendezvous at `run.rdzv_endpoint`;
@@ -69,6 +69,22 @@ def torchrun_command(run_dir, request: dict) -> list[str]:
                 f"--rdzv-id={request['rdzv_id']}"]
     job = SFT if request.get("chunk") is None else json.dumps(request["chunk"])
     return cmd + ["-m", "picorl.parallel", str(run_dir), job, request["rdzv_id"]]
+
+
+def data_parallel(cfg) -> bool:
+    return cfg.run.nproc_per_node > 1 or cfg.run.nnodes > 1
+
+
+def run_any_sft(cfg, run_dir) -> dict:
+    """SFT in this process, or under torchrun as the chunks are."""
+    from picorl import pipeline
+    return (run_sft_parallel if data_parallel(cfg) else pipeline.run_sft)(cfg, run_dir)
+
+
+def run_any_chunk(cfg, run_dir, chunk: Chunk) -> dict:
+    """A chunk in this process, or under torchrun with one process per GPU, on one machine or several."""
+    from picorl import pipeline
+    return (run_chunk_parallel if data_parallel(cfg) else pipeline.run_chunk)(cfg, run_dir, chunk)
 
 
 def run_sft_parallel(cfg, run_dir, progress: bool = True) -> dict:
@@ -257,11 +273,12 @@ def main(argv: list[str]) -> int:
 
     from picorl import pipeline
     from picorl.distributed import init_from_env
+    from picorl.run_records import run_config
 
     run_dir, job, rdzv_id = argv[0], argv[1], argv[2]
     rank, _ = init_from_env()
     try:
-        cfg = pipeline.run_config(run_dir)
+        cfg = run_config(run_dir)
         if job == SFT:
             out = pipeline.run_sft(cfg, run_dir, progress=rank == 0)
         else:

@@ -1,35 +1,34 @@
 """The pipeline's steps as plain functions over a run folder (picorl/run_folder.py); the
-Prefect tasks call these.
+Prefect tasks call these, in the flow's order:
+
+    build_data -> run_sft -> run_eval(0) -> [run_chunk -> (run_eval)]*
 
 Every step is idempotent: it starts from the latest checkpoint and returns at once when
 that checkpoint already covers it, so a retry or a resume continues where work stopped.
-`history.jsonl` inside each checkpoint lists every metric row up to that checkpoint; the
+The history inside each checkpoint lists every metric row up to that checkpoint; the
 tracking layer logs the rows it has not logged yet, so each step is logged exactly once.
+The loaded model stays in memory between steps (picorl/session.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from picorl import checkpoint, data
-from picorl.config import Config, ConfigError, dump_yaml, flatten, load_config, to_dict
+from picorl.config import Config
 from picorl.curriculum import Curriculum
 from picorl.distributed import barrier, rank_and_world
 from picorl.envs import env_of
-from picorl.evaluate import changes_by_difficulty, evaluate_sets
+from picorl.evaluate import evaluate_sets
 from picorl.faults import fault_point
 from picorl.files import atomic_write_text
-from picorl.machine import machine_name
-from picorl.metrics import eval_metrics
 from picorl.plan import Chunk, train_difficulties
-from picorl.rollout.hf import HFEngine
 from picorl.run_folder import RunFolder
+from picorl.run_records import read_history, timed
+from picorl.session import Session, session_for
 from picorl.sft import train_sft
 
 MAX_SKIPS_IN_A_ROW = 5
@@ -37,112 +36,6 @@ MAX_SKIPS_IN_A_ROW = 5
 
 class NumericalError(RuntimeError):
     """Too many non-finite updates in a row; the run stopped at a checkpoint."""
-
-
-# ---------------------------------------------------------------- run folder
-
-
-def prepare_run_dir(cfg: Config, run_dir) -> Path:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    folder = RunFolder(run_dir)
-    # The lock first: a config.yaml without one is an older run, read as it is.
-    atomic_write_text(folder.config_lock, json.dumps(flatten(to_dict(cfg)), indent=1, default=str))
-    atomic_write_text(folder.config, dump_yaml(cfg))
-    return run_dir
-
-
-def run_config(run_dir) -> Config:
-    """The config a run folder was started with. A config.yaml edited since is refused, naming
-    the keys: MLflow's params, the data and the checkpoints all follow from the first one, and a
-    resume that trained 50 updates where the run's record says 2 would contradict them."""
-    folder = RunFolder(run_dir)
-    cfg = load_config(folder.config)
-    if folder.config_lock.is_file():
-        started = json.loads(folder.config_lock.read_text())
-        now = json.loads(json.dumps(flatten(to_dict(cfg)), default=str))
-        changed = [f"{k} ({started.get(k, 'not set')!r} -> {now.get(k, 'not set')!r})"
-                   for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
-        if changed:
-            raise ConfigError(f"{folder.config} was edited after the run started: {', '.join(changed)}. "
-                              "A run keeps the config it started with (its MLflow params and checkpoints "
-                              "follow from it): put the file back, or start a new run with the new values")
-    return cfg
-
-
-def read_history(run_dir) -> list[dict]:
-    latest = checkpoint.latest_checkpoint(RunFolder(run_dir).checkpoints)
-    return [] if latest is None else checkpoint.read_history(latest)
-
-
-def eval_rows(run_dir) -> list[dict]:
-    """Eval metric rows from evals/step_N.json, oldest first."""
-    return [eval_row(json.loads(p.read_text())) for p in RunFolder(run_dir).eval_files().values()]
-
-
-def grpo_gains(run_dir) -> dict[str, dict]:
-    """Per eval difficulty: the final eval against the one after SFT on the same held-out
-    items (exact before and after, items gained and lost, the sign test's p); {} before a
-    second eval exists."""
-    files = RunFolder(run_dir).eval_files()
-    if len(files) < 2:
-        return {}
-    first, last = (json.loads(files[s].read_text()) for s in (min(files), max(files)))
-    return {str(d): {**c, "from_step": min(files), "to_step": max(files)}
-            for d, c in changes_by_difficulty(first["items"], last["items"], matched_only=True).items()}
-
-
-def eval_row(result: dict) -> dict:
-    return {"kind": "eval", "step": result["step"], "stage": result.get("stage"),
-            "metrics": eval_metrics(result["by_difficulty"])}
-
-
-@contextlib.contextmanager
-def timed(run_dir, task: str, **fields):
-    """Append the step's wall time and machine to timings.jsonl when it ends, failed or not:
-    the run's compute budget counts every try, and a run may move between machines."""
-    t0 = time.perf_counter()
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        row = {"task": task, **fields, "seconds": round(time.perf_counter() - t0, 2), "ok": ok,
-               "machine": machine_name()}
-        if rank_and_world()[0] == 0:  # data parallel: one row per step, not one per rank
-            append_line(RunFolder(run_dir).timings, json.dumps(row))
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line; a last line torn by a crash mid-append is closed first, so the new
-    row starts a line of its own instead of being glued onto the torn one and lost with it."""
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(line.encode() + b"\n")
-
-
-def read_timings(run_dir) -> list[dict]:
-    """Every row of timings.jsonl; a torn line (a crash mid-append) is skipped with a warning
-    that names the file and line, since the rows around it are intact."""
-    path = RunFolder(run_dir).timings
-    if not path.is_file():
-        return []
-    rows = []
-    for n, x in enumerate(path.read_text().splitlines(), start=1):
-        if not x.strip():
-            continue
-        try:
-            row = json.loads(x)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            print(f"warning: {path}:{n} is not a JSON row (torn by a crash?); skipped", file=sys.stderr)
-    return rows
 
 
 # ---------------------------------------------------------------- data
@@ -172,97 +65,6 @@ def build_data(cfg: Config, run_dir) -> dict:
     return manifest
 
 
-def load_split(run_dir, split: str, difficulty: int) -> list[dict]:
-    return data.load_records(RunFolder(run_dir).dataset(split, difficulty))
-
-
-# ---------------------------------------------------------------- the process-wide model cache
-
-
-def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True):
-    """The rollout engine a config's `rollout` section names, around an already-loaded model."""
-    from picorl.rollout import make_engine
-
-    r = cfg.rollout
-    options = dict(batch_size=r.batch_size, progress=progress, hf_cache=r.hf_cache, hf_compile=r.hf_compile,
-                   graph_compile=r.graph_compile)
-    if r.engine == "vllm":
-        from picorl.models import resolve_model
-        options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
-                       max_model_len=r.max_model_len, lora_rank=cfg.model.lora.rank, dtype=cfg.model.dtype,
-                       seed=cfg.run.seed)
-    return make_engine(r.engine, model, tokenizer, **options)
-
-
-class Session:
-    """The loaded model, tokenizer, engine and trainer, shared by consecutive tasks.
-
-    `loaded` names the checkpoint the in-memory weights equal; anything else (a failure
-    mid-update, a different checkpoint) makes the next step reload from disk.
-    """
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.model = self.tokenizer = self.engine = self.trainer = None
-        self.loaded: str | None = None
-        self.pristine = False  # base weights + a fresh adapter, untouched
-        self._records: dict = {}
-
-    def fresh(self) -> None:
-        """Base weights and a new adapter (a retried SFT must not continue a half-trained one)."""
-        if self.pristine:
-            return
-        from picorl.models import load_for_config
-
-        self.model, self.tokenizer = load_for_config(self.cfg)
-        self.engine = engine_for_config(self.cfg, self.model, self.tokenizer)
-        self.trainer, self.loaded, self.pristine = None, None, True
-
-    def records(self, run_dir, split, d):
-        key = (str(run_dir), split, d)
-        if key not in self._records:
-            self._records[key] = load_split(run_dir, split, d)
-        return self._records[key]
-
-    def eval_engine(self, progress: bool = True):
-        """The rollout engine when it is the graph engine (synced weights, captured graphs), else a new hf one."""
-        from picorl.rollout.graph import GraphEngine
-        if isinstance(self.engine, GraphEngine):
-            return self.engine
-        return eval_engine(self.cfg, self.model, self.tokenizer, progress)
-
-    def get_trainer(self):
-        from picorl.trainer import GRPOTrainer
-        if self.trainer is None:
-            self.trainer = GRPOTrainer(self.model, self.tokenizer, self.engine, self.cfg)
-        return self.trainer
-
-    def restore(self, ckpt: Path) -> tuple[dict, dict]:
-        """Make memory equal checkpoint `ckpt` (every trained weight, optimizer, RNG)."""
-        if self.model is None:
-            self.fresh()
-        state, info = checkpoint.load_checkpoint(ckpt, self.model)
-        if "optimizer" in state:
-            self.get_trainer().load_state_dict(state)
-        self.engine.sync_weights(self.model)
-        self.loaded, self.pristine = str(ckpt), False
-        return state, info
-
-
-_SESSIONS: dict[str, Session] = {}
-
-
-def session_for(cfg: Config) -> Session:
-    key = dump_yaml(cfg)  # one session per resolved config: the model, adapter and engine all follow from it
-    if key not in _SESSIONS:
-        _SESSIONS.clear()  # one model in memory at a time
-        _SESSIONS[key] = Session(cfg)
-    return _SESSIONS[key]
-
-
-def clear_sessions() -> None:
-    _SESSIONS.clear()
-
-
 # ---------------------------------------------------------------- SFT
 
 
@@ -275,7 +77,7 @@ def _save(sess: Session, run_dir, step: int, info: dict, history: list[dict]) ->
         checkpoint.save_checkpoint(root, step, sess.model, trainer.state_dict(), info=info,
                                    keep_last=sess.cfg.run.keep_checkpoints, history=history)
     barrier()
-    sess.loaded = str(path)
+    sess.saved(path)
     return path
 
 
@@ -291,7 +93,7 @@ def run_sft(cfg: Config, run_dir, progress: bool = True) -> dict:
 def _sft(cfg: Config, run_dir, progress: bool) -> dict:
     sess = session_for(cfg)
     sess.fresh()
-    sess.pristine = False  # training starts: a retry after a failure must reload
+    sess.training_started()
     history = []
     if cfg.sft.enabled and cfg.sft.steps > 0:
         records = [r for d in cfg.sft.difficulties for r in sess.records(run_dir, "train", d)]
@@ -331,16 +133,15 @@ def run_chunk(cfg: Config, run_dir, chunk: Chunk, progress: bool = True) -> dict
 
 def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progress: bool) -> dict:
     sess = session_for(cfg)
-    if sess.loaded != str(latest):
-        sess.restore(latest)
+    if not sess.holds(latest):
+        sess.restore(latest)  # the trainer's step too
     history = read_history(run_dir)
     trainer = sess.get_trainer()
-    trainer.step = info["step"]
     stage = cfg.stages[chunk.stage]
     curriculum = Curriculum.for_stage(stage)
     if info.get("stage") == chunk.stage and info.get("curriculum"):
         curriculum.load_state_dict(info["curriculum"])
-    sess.loaded = None  # memory diverges from the checkpoint from here on
+    sess.diverged()
     from tqdm.auto import tqdm
     for _ in tqdm(range(chunk.end - trainer.step), desc=f"grpo {chunk.start}->{chunk.end}", unit="update",
                   disable=not progress):
@@ -365,17 +166,6 @@ def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progres
 # ---------------------------------------------------------------- evals
 
 
-def eval_engine(cfg: Config, model, tokenizer, progress: bool = True):
-    """The greedy engine of evals: the graph engine when the run trains with it (its greedy
-    tokens equal transformers', tests/test_graph_engine.py), else transformers with the run's
-    cache and compile switches (the reference measurement, whatever trains)."""
-    if cfg.rollout.engine == "graph":
-        from picorl.rollout.graph import GraphEngine
-        return GraphEngine(model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress)
-    return HFEngine(model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
-                    cache=cfg.rollout.hf_cache, compile=cfg.rollout.hf_compile)
-
-
 def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
     """Greedy eval of checkpoint step_N on the held-out sets; writes evals/step_N.json."""
     out, ckpt = RunFolder(run_dir).eval_file(step), RunFolder(run_dir).checkpoint(step)
@@ -390,7 +180,7 @@ def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
 def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool) -> dict:
     fault_point("eval", step)
     sess = session_for(cfg)
-    if sess.loaded != str(ckpt):
+    if not sess.holds(ckpt):
         sess.restore(ckpt)
     info = checkpoint.read_info(ckpt)
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}

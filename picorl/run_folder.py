@@ -85,7 +85,7 @@ def output_dir_problem(output_dir) -> str | None:
 
 
 class RunLocked(RuntimeError):
-    """Another live process owns the run folder."""
+    """The run folder cannot be taken: another live process owns it, or it cannot be written."""
 
 
 class RunLock:
@@ -97,7 +97,11 @@ class RunLock:
     """
 
     def __init__(self, run_dir):
-        self.fd = os.open(RunFolder(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(RunFolder(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only or immutable folder: a run cannot continue in it
+            raise RunLocked(f"run folder {run_dir} cannot be written ({e.strerror or e}: {RunFolder(run_dir).lock}); "
+                            "a run needs its folder writable to continue") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -14,6 +14,7 @@ from picorl.data import messages_of
 from picorl.envs import default_env
 from picorl.models import load_for_config
 from picorl.rollout import Sampling
+from picorl.session import build_engine
 
 
 def load_trained(config_file, checkpoint_dir, device: str = "auto"):
@@ -37,12 +38,10 @@ def check_tasks(tasks, env=None) -> list[dict]:
 
 def answers(model, tok, tasks: list[dict], max_tokens: int = 512, env=None) -> list[dict]:
     """Greedy completion and parsed prediction (the environment's parsing rule) for each task."""
-    from picorl.rollout.hf import HFEngine
-
     env = env or default_env()
     tasks = check_tasks(tasks, env)
     if type(max_tokens) is not int or max_tokens < 1:
         raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
-    groups = HFEngine(model, tok, progress=False).generate([messages_of(t, env) for t in tasks], 1,
-                                                         Sampling(temperature=0.0, max_tokens=max_tokens))
+    groups = build_engine("hf", model, tok, progress=False).generate([messages_of(t, env) for t in tasks], 1,
+                                                                   Sampling(temperature=0.0, max_tokens=max_tokens))
     return [{"completion": c.text, "prediction": env.parse(c.text, t)} for t, (c,) in zip(tasks, groups)]

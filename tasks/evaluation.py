@@ -1,28 +1,12 @@
 """Prefect tasks of the evaluation flow: evaluate a model on the held-out sets, log it to MLflow."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from picorl import checkpoint, data, evaluate, models, pipeline
+from picorl import data, evaluate, models
 from picorl.envs import load_env
-from picorl.run_folder import RunFolder
-from tasks import tracking
-
-
-def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path, dict]:
-    """(model name, adapter folder, env {name, options}) of an MLflow training run's checkpoint
-    (latest when step is None)."""
-    folder = RunFolder(tracking.run_dir_of(run_id) or "")
-    cfg = pipeline.run_config(folder.root)
-    ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(folder.checkpoints)
-    adapter = None if ckpt is None else checkpoint.adapter_path(ckpt)
-    if adapter is None:
-        raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {folder.checkpoints}" +
-                                (f" for step {step}" if step is not None else ""))
-    return cfg.model.name, adapter, {"name": cfg.env.name, "options": cfg.env.options}
+from tracking import runs
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
@@ -43,14 +27,5 @@ def evaluate_model(model_name: str, adapter: str | None, difficulties: list[int]
 def log_evaluation(result: dict, *, experiment: str, model: str, adapter: str | None, of: str,
                    step: int | None, size: int, seed: int) -> str:
     """An MLflow run holding one evaluation: params, accuracies and the per-item table. Returns its id."""
-    c = tracking.client()
-    run = c.create_run(tracking.experiment_id(c, experiment),
-                       run_name=f"eval-{Path(adapter).parent.name if adapter else model}",
-                       tags={"picorl.eval_of": of, "picorl.model": model})
-    rid = run.info.run_id
-    tracking.log_params(c, rid, {"model": model, "adapter": adapter, "size": size, "seed": seed})
-    tracking.sync_rows(c, rid, None, [{**pipeline.eval_row({"step": step or 0, "by_difficulty": result["by_difficulty"]}),
-                                       "stage": None}])
-    tracking.log_eval_table(c, rid, result["items"], "eval/items.json")
-    c.set_terminated(rid, "FINISHED")
-    return rid
+    return runs.log_evaluation_run(result, experiment=experiment, model=model, adapter=adapter, of=of, step=step,
+                                   size=size, seed=seed)

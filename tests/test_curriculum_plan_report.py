@@ -112,7 +112,7 @@ def test_report_shows_truncation_and_what_grpo_changed(tmp_path):
     gains section states the paired comparison of the first and last eval."""
     import json
 
-    from picorl.pipeline import grpo_gains
+    from picorl.run_records import grpo_gains
     from picorl.report import gain_line
     from picorl.run_folder import RunFolder
     cfg = load_config(None)

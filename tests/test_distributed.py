@@ -37,14 +37,14 @@ def test_two_gloo_ranks_give_the_single_process_gradient(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_killed_two_rank_chunk_resumes_with_every_step_once(tmp_path, monkeypatch):
-    from picorl import pipeline
+    from picorl import pipeline, run_records, session
     from picorl.config import load_config
     from picorl.parallel import run_chunk_parallel, run_sft_parallel
     from picorl.plan import chunks
 
     cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), ["run.nproc_per_node=2"])
-    pipeline.clear_sessions()
-    pipeline.prepare_run_dir(cfg, tmp_path)
+    session.clear_sessions()
+    run_records.prepare_run_dir(cfg, tmp_path)
     pipeline.build_data(cfg, tmp_path)
     assert run_sft_parallel(cfg, tmp_path, progress=False)["sft_steps"] == cfg.sft.steps  # SFT on 2 ranks too
     first, second = chunks(cfg)
@@ -55,11 +55,11 @@ def test_a_killed_two_rank_chunk_resumes_with_every_step_once(tmp_path, monkeypa
         run_chunk_parallel(cfg, tmp_path, second, progress=False)
     assert (tmp_path / "fired").exists()
     assert run_chunk_parallel(cfg, tmp_path, second, progress=False)["step"] == 4  # the retry resumes
-    rows = [r for r in pipeline.read_history(tmp_path) if r["kind"] == "train"]
+    rows = [r for r in run_records.read_history(tmp_path) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["step"] for r in pipeline.read_history(tmp_path) if r["kind"] == "sft"] == [1, 2, 3]
-    assert [t["ok"] for t in pipeline.read_timings(tmp_path) if t["task"] == "sft"] == [True]  # rank 0's row only
-    timings = [t for t in pipeline.read_timings(tmp_path) if t["task"] == "grpo"]
+    assert [r["step"] for r in run_records.read_history(tmp_path) if r["kind"] == "sft"] == [1, 2, 3]
+    assert [t["ok"] for t in run_records.read_timings(tmp_path) if t["task"] == "sft"] == [True]  # rank 0's row only
+    timings = [t for t in run_records.read_timings(tmp_path) if t["task"] == "grpo"]
     # Rank 0's rows: the two chunks, and the killed try's failure row when rank 0 outlived the
     # killed rank long enough to record it (the fault fires in whichever rank reaches it first,
     # and torchrun then stops the others), never a finished one.
@@ -248,6 +248,6 @@ def test_a_run_on_two_machines_one_of_them_joined_with_picorl_join(tmp_path):
     joined = (tmp_path / "join.log").read_text()
     assert "joining chunk 0-2 of smoke-" in joined and "joining chunk 2-4 of smoke-" in joined, joined[-3000:]
     (run_dir,) = out.iterdir()
-    from picorl import pipeline
-    assert [r["step"] for r in pipeline.read_history(run_dir) if r["kind"] == "train"] == [1, 2, 3, 4]
+    from picorl import run_records
+    assert [r["step"] for r in run_records.read_history(run_dir) if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [p.name for p in (run_dir / "nodes").iterdir()] == ["done"]  # requests and results cleaned up

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from picorl import data, pipeline, report
+from picorl import data, pipeline, report, run_records, session
 from cli import main
 from picorl.config import load_config
 from picorl.faults import FaultInjected
@@ -18,8 +18,8 @@ def finished_run(tmp_path_factory):
     """The smoke pipeline's steps, run directly; one eval fails once and is retried."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(SMOKE, [])
-    pipeline.clear_sessions()
-    pipeline.prepare_run_dir(cfg, run_dir)
+    session.clear_sessions()
+    run_records.prepare_run_dir(cfg, run_dir)
     pipeline.build_data(cfg, run_dir)
     pipeline.run_sft(cfg, run_dir, progress=False)
     pipeline.run_eval(cfg, run_dir, 0, progress=False)
@@ -33,8 +33,8 @@ def finished_run(tmp_path_factory):
                     pipeline.run_eval(cfg, run_dir, c.end, progress=False)
                 mp.undo()
             pipeline.run_eval(cfg, run_dir, c.end, progress=False)
-    report.write_report(cfg, pipeline.read_history(run_dir), pipeline.eval_rows(run_dir), run_dir)
-    pipeline.clear_sessions()
+    report.write_report(cfg, run_records.read_history(run_dir), run_records.eval_rows(run_dir), run_dir)
+    session.clear_sessions()
     return run_dir
 
 
@@ -65,7 +65,7 @@ def test_export_holds_report_final_eval_adapter_and_timings(finished_run, tmp_pa
             sum(a > b for b, a in pairs), sum(a < b for b, a in pairs), 4)
         assert change["before"] == run["sft_exact"][f"d{d}"] == first["by_difficulty"][str(d)]["exact"]
     # Every step was timed on this machine, the failed eval try included.
-    timings = pipeline.read_timings(finished_run)
+    timings = run_records.read_timings(finished_run)
     assert [t["task"] for t in timings].count("grpo") == 2 and [t["ok"] for t in timings].count(False) == 1
     assert run["failed_tries"] == 1 and len(run["machines"]) == 1
     assert run["seconds"]["sft"] > 0 and run["seconds"]["grpo"] > 0
@@ -128,3 +128,30 @@ def test_export_refuses_and_writes_nothing(finished_run, tmp_path, capsys, case,
     assert not (finished_run / "evals" / "copy").exists()
     assert msg in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "exists" else [])
+
+
+def test_a_terminated_export_leaves_no_temporary_folder(finished_run, tmp_path):
+    """SIGTERM mid-export (a service manager, a closed terminal) ends it as Ctrl-C does: the
+    hidden temporary folder is removed, nothing is left at --out, and the status says SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results" / "smoke"
+    out.parent.mkdir()
+    marker = tmp_path / "hanging"
+    env = {**os.environ, "PICORL_FAULT": "export:4:hang", "PICORL_FAULT_MARKER": str(marker)}
+    p = subprocess.Popen([sys.executable, "-m", "cli", "export", "--run-dir", str(finished_run), "--out", str(out)],
+                         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), p.communicate()
+    assert [x.name for x in out.parent.iterdir()][0].startswith(".smoke.")  # the temporary, mid-export
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and "picorl export: terminated" in err
+    assert list(out.parent.iterdir()) == []

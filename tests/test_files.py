@@ -56,7 +56,7 @@ def test_a_torn_timings_line_loses_only_itself(tmp_path, capsys):
     reading skips the torn one, naming the file and line, and keeps every intact row."""
     import json
 
-    from picorl.pipeline import read_timings, timed
+    from picorl.run_records import read_timings, timed
     from picorl.run_folder import RunFolder
     path = RunFolder(tmp_path).timings
     path.write_text(json.dumps({"task": "sft", "seconds": 1.0}) + "\n" + '{"task": "grpo", "seco')
@@ -65,3 +65,19 @@ def test_a_torn_timings_line_loses_only_itself(tmp_path, capsys):
     rows = read_timings(tmp_path)
     assert [r["task"] for r in rows] == ["sft", "eval"]
     assert f"{path}:2 is not a JSON row" in capsys.readouterr().err
+
+
+def test_a_finished_folder_and_file_get_the_umask_s_mode_not_a_temporary_s(tmp_path):
+    """mkdtemp and mkstemp make 0700 folders and 0600 files; what they become must read as
+    mkdir and open would make it (here umask 022: 0755 and 0644)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "ckpt") as tmp:
+            (tmp / "weights").write_bytes(b"x")
+        atomic_write_text(tmp_path / "state.json", "{}")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ckpt").stat().st_mode & 0o777) == oct(0o755)
+    assert oct((tmp_path / "ckpt" / "weights").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "state.json").stat().st_mode & 0o777) == oct(0o644)

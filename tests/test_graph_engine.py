@@ -4,7 +4,8 @@ import torch
 from conftest import trainer_logprobs
 
 from picorl import data, models
-from picorl.rollout import Sampling, make_engine
+from picorl.rollout import Sampling
+from picorl.session import build_engine
 from picorl.rollout.graph import GraphEngine, buckets_for
 from picorl.rollout.hf import HFEngine
 
@@ -110,7 +111,7 @@ def test_the_compiled_step_decodes_as_the_eager_one_across_buckets_and_syncs(tin
 
 def test_the_config_passes_graph_compile_to_the_engine(tiny_model, tokenizer):
     from picorl.config import load_config
-    from picorl.pipeline import engine_for_config
+    from picorl.session import engine_for_config
     cfg = load_config(None, ["rollout.engine=graph", "rollout.graph_compile=true"])
     assert engine_for_config(cfg, tiny_model, tokenizer, progress=False).compile_step
     assert not engine_for_config(load_config(None, ["rollout.engine=graph"]), tiny_model, tokenizer).compile_step
@@ -231,7 +232,7 @@ def test_unsupported_models_are_named(tokenizer):
 
 
 def test_the_config_selects_it(tiny_model, tokenizer):
-    assert isinstance(make_engine("graph", tiny_model, tokenizer, batch_size=16), GraphEngine)
+    assert isinstance(build_engine("graph", tiny_model, tokenizer, batch_size=16), GraphEngine)
 
 
 @pytest.mark.slow

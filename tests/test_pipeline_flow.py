@@ -22,8 +22,8 @@ def prefect_server(tmp_path_factory):
 def store(tmp_path, monkeypatch, prefect_server):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    from picorl import pipeline
-    pipeline.clear_sessions()
+    from picorl import session
+    session.clear_sessions()
     from mlflow.tracking import MlflowClient
     return MlflowClient(uri), tmp_path
 
@@ -52,9 +52,13 @@ def artifacts(client, run_id, path=None):
     return out
 
 
-def test_smoke_flow_logs_everything_once(store):
+def test_smoke_flow_logs_everything_once(store, monkeypatch):
     client, tmp = store
+    from picorl import config
+    parsed, real = [], config.read_yaml
+    monkeypatch.setattr(config, "read_yaml", lambda text, where: parsed.append(where) or real(text, where))
     out = run_flow(tmp)
+    assert parsed == [SMOKE]  # the flow loads the config once; no task reads a YAML again
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
     assert parent.data.params["grpo.lr"] == "0.001" and parent.data.params["stages.1.difficulty"] == "3"

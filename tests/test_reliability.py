@@ -77,8 +77,8 @@ def test_outage_mid_run_is_delivered_when_the_server_returns(server, prefect_ser
     from mlflow.tracking import MlflowClient
 
     from flows.train import train
-    from picorl import pipeline
-    pipeline.clear_sessions()
+    from picorl import session
+    session.clear_sessions()
     # Down after the first chunk (so eval@2 and chunk 2-4 happen during the outage), back after the second.
     wrap_chunks(monkeypatch, {0: server.stop, 2: server.start})
     out = train(config_path=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}"])
@@ -96,9 +96,9 @@ def test_outage_past_the_limit_fails_cleanly_then_resumes(server, prefect_server
     from mlflow.tracking import MlflowClient
 
     from flows.train import train
-    from picorl import pipeline
-    from tasks.pipeline_tasks import TrackingOutage
-    pipeline.clear_sessions()
+    from picorl import session
+    from tracking.delivery import TrackingOutage
+    session.clear_sessions()
     wrap_chunks(monkeypatch, {0: server.stop})
     with pytest.raises(TrackingOutage, match=r"could not take the run.s records for .*\(run.tracking_outage_s=2;"):
         train(config_path=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}", "run.tracking_outage_s=2",
@@ -122,14 +122,14 @@ def test_a_full_artifact_store_is_an_outage_not_a_failed_run(tmp_path, monkeypat
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
     from mlflow.tracking import MlflowClient
 
-    from picorl import pipeline
+    from picorl import pipeline, run_records
     from picorl.config import load_config
-    from tasks import tracking
-    from tasks.pipeline_tasks import TrackingOutage, deliver
+    from tracking import runs as tracking
+    from tracking.delivery import TrackingOutage, deliver
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = load_config(SMOKE, [])
     run_dir = tmp_path / "run"
-    pipeline.prepare_run_dir(cfg, run_dir)
+    run_records.prepare_run_dir(cfg, run_dir)
     pipeline.build_data(cfg, run_dir)
     run = {"run_dir": str(run_dir), "parent_run_id": tracking.open_parent_run(cfg, run_dir, run_dir / "config.yaml", "t")}
 
@@ -148,19 +148,19 @@ def test_a_full_artifact_store_is_an_outage_not_a_failed_run(tmp_path, monkeypat
 
 
 def test_non_finite_updates_in_a_row_stop_with_a_checkpoint(tmp_path, monkeypatch):
-    from picorl import pipeline
+    from picorl import pipeline, run_records, session
     from picorl.config import load_config
     from picorl.plan import Chunk
     from picorl.trainer import GRPOTrainer
     cfg = load_config(SMOKE, ["stages=[{difficulty: 1, updates: 8}]", "run.chunk_updates=8", "eval.every=8"])
-    pipeline.clear_sessions()
-    pipeline.prepare_run_dir(cfg, tmp_path)
+    session.clear_sessions()
+    run_records.prepare_run_dir(cfg, tmp_path)
     pipeline.build_data(cfg, tmp_path)
     pipeline.run_sft(cfg, tmp_path, progress=False)
     monkeypatch.setattr(GRPOTrainer, "_optimise", lambda self, *a: (float("inf"), 0.0, 0.0))
     with pytest.raises(pipeline.NumericalError, match="5 updates in a row .* stopped with a checkpoint"):
         pipeline.run_chunk(cfg, tmp_path, Chunk(0, 0, 8, True), progress=False)
-    rows = [r for r in pipeline.read_history(tmp_path) if r["kind"] == "train"]
+    rows = [r for r in run_records.read_history(tmp_path) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["metrics"]["train/skipped_updates"] for r in rows] == [1, 2, 3, 4, 5]
     assert (tmp_path / "checkpoints" / "step_5" / "state.json").is_file()
@@ -211,6 +211,25 @@ def test_the_cli_creates_a_prefect_home_two_folders_deep(tmp_path):
     home = tmp_path / "new" / "prefect"
     prefect_environment({"PREFECT_HOME": str(home)})
     assert home.is_dir()
+
+
+def test_a_bad_resume_is_refused_before_prefect_starts(tmp_path, monkeypatch, capsys):
+    """MLflow alone knows whether a run can be resumed, so `picorl train --resume` of a run it does
+    not have fails in one line without starting Prefect's server (seconds, not a minute)."""
+    import contextlib
+
+    import cli
+    from cli import PREFECT_DEFAULTS
+    for k, v in PREFECT_DEFAULTS.items():  # what the command would set, undone after the test
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    started = []
+    monkeypatch.setattr(cli, "local_prefect_server", lambda: started.append(1) or contextlib.nullcontext())
+    code = cli.main(["train", "--config", SMOKE, "--set", f"run.output_dir={tmp_path}", "--resume", "0123abcd"])
+    err = capsys.readouterr().err
+    assert (code, started) == (2, [])
+    assert "picorl train: error: --resume 0123abcd: no such MLflow run 0123abcd" in err
+    assert "starting Prefect" not in err
 
 
 def start_hanging_train(tmp_path):
@@ -306,6 +325,16 @@ def test_a_run_folder_has_one_owner_and_a_dead_owner_keeps_nothing(tmp_path):
     assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
     lock.release()
     RunLock(tmp_path).release()
+
+
+def test_a_run_folder_that_cannot_be_written_is_named_not_a_traceback(tmp_path):
+    """A lock that cannot be opened (here a folder where the .lock file goes; a read-only or
+    immutable run folder alike) is a RunLocked that names the file, which the flow reports as
+    one line."""
+    from picorl.run_folder import RunLock, RunLocked
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(RunLocked, match=rf"run folder {tmp_path} cannot be written \(Is a directory: .*\.lock\)"):
+        RunLock(tmp_path)
 
 
 def test_resume_refuses_overrides_that_change_the_run():

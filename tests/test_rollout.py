@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from picorl import data
-from picorl.rollout import Sampling, make_engine
+from picorl.rollout import Sampling
+from picorl.session import build_engine
 from picorl.rollout.graph import GraphEngine
 from picorl.rollout.hf import HFEngine
 
@@ -53,7 +54,7 @@ def test_stops_at_eos(tiny_model, tokenizer):
 
 def test_unknown_engine_is_named(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="'sglang'"):
-        make_engine("sglang", tiny_model, tokenizer)
+        build_engine("sglang", tiny_model, tokenizer)
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])

@@ -58,7 +58,7 @@ def test_vllm_matches_hf_greedy_with_and_without_adapter():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_runs_with_the_vllm_engine(tmp_path):
-    from picorl import pipeline
+    from picorl import pipeline, run_records, session
     from picorl.config import load_config
     from picorl.plan import chunks
 
@@ -68,19 +68,19 @@ def test_pipeline_runs_with_the_vllm_engine(tmp_path):
                              "grpo.tasks_per_update=2", "grpo.group_size=2", "grpo.lr=1e-3",
                              "stages=[{difficulty: 1, updates: 2}]", "run.chunk_updates=2", "eval.every=2",
                              "eval.difficulties=[1]", "eval.size=2", "eval.max_tokens=24"])
-    pipeline.clear_sessions()
-    pipeline.prepare_run_dir(cfg, tmp_path)
+    session.clear_sessions()
+    run_records.prepare_run_dir(cfg, tmp_path)
     pipeline.build_data(cfg, tmp_path)
     pipeline.run_sft(cfg, tmp_path, progress=False)
-    sess = pipeline.session_for(cfg)
+    sess = session.session_for(cfg)
     assert type(sess.engine).__name__ == "VLLMEngine" and sess.engine.lora_request.lora_int_id == 2  # synced after SFT
     for c in chunks(cfg):
         pipeline.run_chunk(cfg, tmp_path, c, progress=False)
     pipeline.run_eval(cfg, tmp_path, 2, progress=False)
-    rows = [r for r in pipeline.read_history(tmp_path) if r["kind"] == "train"]
+    rows = [r for r in run_records.read_history(tmp_path) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2]
     assert sess.engine.lora_request.lora_int_id == 2 + sum(r["metrics"]["train/skipped"] == 0 for r in rows)
-    pipeline.clear_sessions()
+    session.clear_sessions()
     del sess
     gc.collect()
 

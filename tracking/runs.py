@@ -288,3 +288,38 @@ def export_records(run_dir, out_dir) -> dict:
                     shutil.copy2(got, dest)
         dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
     return {"runs": len(new_ids), "ui": portable_ui_hint(out_dir)}
+
+
+def log_evaluation_run(result: dict, *, experiment: str, model: str, adapter: str | None, of: str,
+                       step: int | None, size: int, seed: int) -> str:
+    """An MLflow run holding one evaluation: params, accuracies and the per-item table. Returns its id."""
+    from picorl.run_records import eval_row
+
+    c = client()
+    run = c.create_run(experiment_id(c, experiment),
+                       run_name=f"eval-{Path(adapter).parent.name if adapter else model}",
+                       tags={"picorl.eval_of": of, "picorl.model": model})
+    rid = run.info.run_id
+    log_params(c, rid, {"model": model, "adapter": adapter, "size": size, "seed": seed})
+    sync_rows(c, rid, None, [{**eval_row({"step": step or 0, "by_difficulty": result["by_difficulty"]}),
+                              "stage": None}])
+    log_eval_table(c, rid, result["items"], "eval/items.json")
+    c.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def adapter_of_run(run_id: str, step: int | None) -> tuple[str, Path, dict]:
+    """(model name, adapter folder, env {name, options}) of an MLflow training run's checkpoint
+    (latest when step is None)."""
+    from picorl import checkpoint
+    from picorl.run_folder import RunFolder
+    from picorl.run_records import run_config
+
+    folder = RunFolder(run_dir_of(run_id) or "")
+    cfg = run_config(folder.root)
+    ckpt = folder.checkpoint(step) if step is not None else checkpoint.latest_checkpoint(folder.checkpoints)
+    adapter = None if ckpt is None else checkpoint.adapter_path(ckpt)
+    if adapter is None:
+        raise FileNotFoundError(f"run {run_id}: no adapter checkpoint under {folder.checkpoints}" +
+                                (f" for step {step}" if step is not None else ""))
+    return cfg.model.name, adapter, {"name": cfg.env.name, "options": cfg.env.options}
