@@ -231,6 +231,12 @@ RULES = {
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def yaml_float(value):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; a float is what anyone means. The one rule
+    for both a config file's values and --set's."""
+    return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
 # The item type of every list knob (each must also be non-empty).
 LIST_ITEMS = {"model.lora.target_modules": str, "sft.difficulties": int, "eval.difficulties": int}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -253,8 +259,8 @@ def _coerce(value, tp, key: str):
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string; a float is what anyone means
+    if tp is float:
+        value = yaml_float(value)
     if tp is list and isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -348,13 +354,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = yaml.load(value, Loader=_NoAliasLoader) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    # YAML reads '1e-5' as a string; a float is what anyone means.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
-        except ValueError:
-            pass
-    return key.strip(), parsed
+    return key.strip(), yaml_float(parsed)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
