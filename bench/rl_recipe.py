@@ -176,33 +176,40 @@ def main() -> int:
     sft_kw = dict(style=base.sft.style, batch_size=base.sft.batch_size, lr=base.sft.lr, seed=base.run.seed,
                   group_by_length=base.sft.group_by_length, optimizer=sft_opt, progress=False, env=env)
     # The SFT start is kept on disk, keyed by what it depends on, so arms run in several
-    # processes (or sessions) start from the same weights without paying for SFT again.
-    key = hashlib.sha256(json.dumps([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed,
-                                     to_dict(base.eval), base.rollout.engine, base.rollout.temperature,
-                                     args.eval_difficulty, args.eval_size]
-                                    # another environment's start is another start (letter counting's keys stay)
-                                    + ([to_dict(base.env)] if base.env.name != "letter_counting" else []),
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    start_dir = Path(args.start_dir) / key
-    if (start_dir / "start.json").is_file():
-        saved = torch.load(start_dir / "weights.pt", weights_only=True)
+    # processes (or sessions) start from the same weights without paying for SFT again; its
+    # measurement is keyed apart, so another eval tier or size reuses the weights.
+    def digest(parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    sft_key = digest([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed]
+                     # another environment's start is another start (letter counting's keys stay)
+                     + ([to_dict(base.env)] if base.env.name != "letter_counting" else []))
+    eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,
+                       args.eval_size])
+    start_dir = Path(args.start_dir) / sft_key
+    weights_file, sft_file, start_file = (start_dir / "weights.pt", start_dir / "sft.json",
+                                          start_dir / f"start-{eval_key}.json")
+    if weights_file.is_file() and sft_file.is_file():
+        saved = torch.load(weights_file, weights_only=True)
         load_weights(model, saved["weights"])
         sft_opt.load_state_dict(saved["optimizer"])
-        start = json.loads((start_dir / "start.json").read_text())
-        sft_s = start["sft_seconds"]
+        sft_s = json.loads(sft_file.read_text())["sft_seconds"]
         print(f"SFT start from {start_dir} ({sft_s:.0f} s when it was made)", flush=True)
-        if args.k > 1 and start.get("sampled", {}).get("k") != args.k:
-            start["sampled"] = sampled(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)
     else:
         torch.manual_seed(base.run.seed)
         t0 = time.perf_counter()
         train_sft(model, tok, sft_records, steps=base.sft.steps, **sft_kw)
         sft_s = time.perf_counter() - t0
         print(f"SFT {base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
-        start = {"sft_seconds": round(sft_s, 1), **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)}
         start_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"weights": trained_weights(model), "optimizer": sft_opt.state_dict()}, start_dir / "weights.pt")
-        atomic_write_text(start_dir / "start.json", json.dumps(start))
+        torch.save({"weights": trained_weights(model), "optimizer": sft_opt.state_dict()}, weights_file)
+        atomic_write_text(sft_file, json.dumps({"sft_seconds": round(sft_s, 1)}))
+    if start_file.is_file():
+        start = json.loads(start_file.read_text())
+        if args.k > 1 and start.get("sampled", {}).get("k") != args.k:
+            start["sampled"] = sampled(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)
+    else:
+        start = {"sft_seconds": round(sft_s, 1), **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)}
+        atomic_write_text(start_file, json.dumps(start))
     start_weights = trained_weights(model)
     start_opt = copy.deepcopy(sft_opt.state_dict())
     out["start"] = start

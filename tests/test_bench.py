@@ -217,6 +217,13 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
     assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
     assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
+    # Another eval tier is another measurement of the same weights: no second SFT.
+    third = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", *common, "--eval-difficulty",
+                            "2", "--set", "stages=[{difficulty: 1, updates: 1}]", "--tag=-d2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    assert "SFT start from" in third.stdout
+    assert len(list((tmp_path / "start").glob("*/start-*.json"))) == 2
 
 
 @pytest.mark.slow
