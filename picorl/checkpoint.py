@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from picorl.faults import fault_point
-from picorl.files import atomic_folder
+from picorl.files import atomic_folder, umask_mode
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -43,9 +43,11 @@ def _is_peft(model) -> bool:
 def save_model_weights(model, folder: Path) -> None:
     if _is_peft(model):
         model.save_pretrained(folder / "adapter", safe_serialization=True)
+        umask_mode(folder / "adapter" / "adapter_model.safetensors")  # safetensors writes it 0600
     else:
         from safetensors.torch import save_model
         save_model(model, str(folder / "model.safetensors"))
+        umask_mode(folder / "model.safetensors")
 
 
 def load_model_weights(model, folder: Path) -> None:

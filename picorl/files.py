@@ -24,6 +24,13 @@ def _umask() -> int:
     return mask
 
 
+def umask_mode(path: str | Path) -> None:
+    """Give a file the mode `open` would have given it (0666 less the umask): for files that a
+    library wrote through a private temporary (safetensors' are 0600), so that whoever may
+    read the folder may read them."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically; a replaced file keeps its mode, a new one gets the umask's."""
     path = Path(path)

@@ -161,6 +161,23 @@ def test_checkpoints_are_atomic_and_pruned(tokenizer, tmp_path, monkeypatch):
     assert info["step"] == 3 and "optimizer" in state
 
 
+def test_a_checkpoint_reads_as_plain_folders_and_files_would(tokenizer, tmp_path):
+    """Private temporaries (mkdtemp's 0700, safetensors' 0600) must not leak into the finished
+    checkpoint: under umask 022 a team on shared storage reads every folder and file of it."""
+    import os
+    import stat
+    trainer, _ = make(tokenizer)
+    old = os.umask(0o022)
+    try:
+        ckpt = checkpoint.save_checkpoint(tmp_path, 1, trainer.model, trainer.state_dict())
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in [ckpt, *ckpt.rglob("*")]}
+    assert {p: m for p, m in modes.items() if m != (oct(0o755) if (tmp_path / p).is_dir() else oct(0o644))} == {}
+    assert "step_1/adapter/adapter_model.safetensors" in modes
+
+
 def test_a_checkpoint_that_fills_the_disk_says_so_and_names_the_folder(tokenizer, tmp_path, monkeypatch):
     # What torch.save raises when the disk fills mid-write names neither the cause nor the folder.
     import collections
