@@ -55,6 +55,12 @@ ARMS = {
     "overlong_filter": ("binary, truncated completions carry no loss", ["reward.kind=binary", "grpo.overlong_filter=true"]),
     "overlong_penalty": ("binary, soft overlong penalty over the last 32 tokens",
                          ["reward.kind=binary", "reward.overlong_buffer=32"]),
+    # Letter counting's constant answer (every asked letter once) is right on 36% of tier-3
+    # items, 18% at tier 4 and 5% at tier 5: trained where it pays less, GRPO cannot climb by it.
+    "train_d4": ("binary, trained at tier 4 (the constant answer right on 18%)",
+                 ["reward.kind=binary", "stages=[{difficulty: 4, updates: 30}]"]),
+    "train_d5": ("binary, trained at tier 5 (the constant answer right on 5%)",
+                 ["reward.kind=binary", "stages=[{difficulty: 5, updates: 30}]"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
@@ -161,7 +167,7 @@ def main() -> int:
     env = env_of(base)
     eval_set = data.eval_records(args.eval_difficulty, args.eval_size, env=env)
     train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed, env=env) for d in env.tiers
-                  if any(d in Curriculum.for_stage(s).reachable() for s in base.stages)}
+                  if any(d in Curriculum.for_stage(s).reachable() for c in arm_cfgs.values() for s in c.stages)}
     out = {"machine": machine(), "config": {"config": args.config, "sets": args.set}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
     stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}"
