@@ -61,6 +61,8 @@ ARMS = {
                  ["reward.kind=binary", "stages=[{difficulty: 4, updates: 30}]"]),
     "train_d5": ("binary, trained at tier 5 (the constant answer right on 5%)",
                  ["reward.kind=binary", "stages=[{difficulty: 5, updates: 30}]"]),
+    "low_lr": ("binary at a sixth of the learning rate (5e-5): from a start that counts, smaller steps",
+               ["reward.kind=binary", "grpo.lr=5e-5"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
