@@ -132,8 +132,8 @@ def test_ablation_rows_change_one_thing_and_a_row_equal_to_the_base_is_not_run_t
     rows = plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["base", "no_curriculum", "full_ft", "direct"])
     assert rows["base"]["sets"] == []
     assert rows["no_curriculum"]["sets"] == ['stages=[{"difficulty": 6, "updates": 50}]']  # 10 + 40 updates
-    # full fine-tuning at a tenth of the LoRA rates (gpu.yaml: sft.lr 1e-3, grpo.lr 3e-4)
-    assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=3e-05"]
+    # full fine-tuning at a tenth of the LoRA rates (gpu.yaml: sft.lr 1e-3, grpo.lr 5e-5)
+    assert rows["full_ft"]["sets"] == ["model.lora.enabled=false", "sft.lr=0.0001", "grpo.lr=5e-06"]
     assert list(plan_rows(str(ROOT / "configs" / "gpu.yaml"), ["full_ft", "base", "full_ft"])) == ["full_ft", "base"]
     one_stage = tmp_path / "direct.yaml"
     one_stage.write_text("sft: {style: direct}\nstages:\n  - {difficulty: 3, updates: 4}\n")
