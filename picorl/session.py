@@ -12,10 +12,11 @@ consecutive Prefect tasks in one process load the 135M model once, not once per 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from picorl import checkpoint, data
-from picorl.config import Config, dump_yaml
+from picorl.config import Config, to_dict
 from picorl.rollout.base import RolloutEngine
 from picorl.run_folder import RunFolder
 
@@ -92,6 +93,14 @@ class Session:
         self.engine = engine_for_config(self.cfg, self.model, self.tokenizer)
         self.trainer, self.loaded, self.pristine = None, None, True
 
+    def reconfigure(self, cfg: Config) -> None:
+        """Another config of the same model: the weights stay, the engine (if the rollout
+        section changed) and the trainer are built for `cfg`, and the next step restores its
+        checkpoint (the trainer's state is that checkpoint's, not this memory's)."""
+        if self.engine is not None and cfg.rollout != self.cfg.rollout:
+            self.engine = engine_for_config(cfg, self.model, self.tokenizer)
+        self.cfg, self.trainer, self.loaded = cfg, None, None
+
     def training_started(self) -> None:
         """The fresh weights are about to change: a retry after a failure must reload them."""
         self.pristine = False
@@ -142,12 +151,23 @@ class Session:
 _SESSIONS: dict[str, Session] = {}
 
 
+def model_key(cfg: Config) -> str:
+    """What loading a config's model depends on (`models.load_for_config`): the model section,
+    and the seed a new adapter is drawn with."""
+    return json.dumps([to_dict(cfg.model), cfg.run.seed], sort_keys=True, default=str)
+
+
 def session_for(cfg: Config) -> Session:
-    key = dump_yaml(cfg)  # one session per resolved config: the model, adapter, engine and trainer all follow from it
+    """The session holding `cfg`'s model: the same one while the model does not change. Another
+    config with the same model keeps the loaded weights and gets its own engine and trainer."""
+    key = model_key(cfg)
     if key not in _SESSIONS:
         _SESSIONS.clear()  # one model in memory at a time
         _SESSIONS[key] = Session(cfg)
-    return _SESSIONS[key]
+    sess = _SESSIONS[key]
+    if sess.cfg != cfg:
+        sess.reconfigure(cfg)
+    return sess
 
 
 def clear_sessions() -> None:
