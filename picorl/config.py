@@ -171,7 +171,7 @@ class RunConfig:
     seed: int = knob(0, "Seed of torch, sampling and task order.")
     output_dir: str = knob("outputs", "Where run folders (checkpoints, report) are written.")
     experiment: str = knob("picorl", "MLflow experiment name.")
-    chunk_updates: int = knob(10, "Updates per GRPO task; each chunk ends with a checkpoint.")
+    chunk_updates: int = knob(10, "Updates per GRPO chunk (one Prefect task, retried whole); each chunk ends with a checkpoint.")
     keep_checkpoints: int = knob(2, "Checkpoints kept per run besides step_0 (after SFT, the baseline); older ones are pruned after a new one is complete.")
     retries: int = knob(2, "Prefect retries per task.")
     retry_delay_s: float = knob(5.0, "Seconds between retries.")
