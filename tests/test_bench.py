@@ -33,7 +33,9 @@ def test_update_bench_splits_every_update(tokenizer, engine):
     res = run_picorl(shape("--updates", "2", "--engine", engine))
     med = res["median"]
     assert set(PARTS) <= set(med)
-    assert med["loss_backward_s"] > 0 and sum(med[k] for k in PARTS[:-1]) <= med["update_s"] * 1.001
+    # One update after the first: its parts are stretches of its wall time, each figure rounded
+    # to 1 ms, so the parts' sum may pass the total by half a millisecond per figure.
+    assert med["loss_backward_s"] > 0 and sum(med[k] for k in PARTS[:-1]) <= med["update_s"] + 0.0005 * len(PARTS)
     assert med["rollout_tokens"] == pytest.approx(2 * 4 * med["completion_len"])
     assert res["peak_memory_gb"] > 0
 
