@@ -263,12 +263,12 @@ def cmd_train(args) -> None:
         raise UsageError(str(e)) from None
     prefect_environment()
     try:
-        from flows.train import resumable_run_dir, train
+        from flows.train import resumable_run, train
     except ImportError as e:
         raise UsageError(f"`picorl train` runs the Prefect flow and needs prefect and mlflow installed: {e}") from None
     if args.resume:
         try:  # MLflow alone knows the run: a bad --resume is refused before Prefect's server starts
-            resumable_run_dir(args.resume, args.set)
+            resumable_run(args.resume, args.set)
         except ConfigError as e:
             raise UsageError(str(e)) from None
     if not os.environ.get("PREFECT_API_URL"):
@@ -395,14 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+    import threading
 
     args = build_parser().parse_args(argv)
     # Every command ends on SIGTERM or SIGHUP as on Ctrl-C: what it was writing is removed
     # (an export's temporary folder), a run is marked, and the exit status says which signal.
-    # The caller's handlers come back afterwards (main may run inside another program).
-    import threading
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    before = {s: signal.signal(s, terminate_as_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+    # The caller's handlers come back afterwards (main may run inside another program); only
+    # the main thread may set them.
+    before = ({s: signal.signal(s, terminate_as_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+              if threading.current_thread() is threading.main_thread() else {})
     try:
         args.func(args)
     except UsageError as e:

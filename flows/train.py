@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, runtime
 
 from picorl import run_records
-from picorl.config import ConfigError, config_from_dict, to_dict
+from picorl.config import Config, ConfigError, config_from_dict, to_dict
 from picorl.parallel import release_nodes
 from picorl.plan import chunks
 from picorl.preflight import checked_config
@@ -56,10 +56,10 @@ def refuse_changes_on_resume(run_cfg, overrides: list[str] | None) -> None:
                           f"{', '.join(changed)}. Drop them, or start a new run")
 
 
-def resumable_run_dir(resume: str, overrides: list[str] | None = None) -> str:
-    """The run folder of MLflow parent run `resume`, refused (ConfigError) when there is none, the
-    run is finished, or an override would change its config. MLflow alone is asked, so
-    `picorl train --resume` checks this before it starts Prefect."""
+def resumable_run(resume: str, overrides: list[str] | None = None) -> tuple[str, Config]:
+    """(run folder, the config it started with) of MLflow parent run `resume`, refused
+    (ConfigError) when there is none, the run is finished, or an override would change its
+    config. MLflow alone is asked, so `picorl train --resume` checks this before it starts Prefect."""
     try:
         run_dir = runs.run_dir_of(resume)
     except LookupError as e:
@@ -69,8 +69,9 @@ def resumable_run_dir(resume: str, overrides: list[str] | None = None) -> str:
     if runs.run_status(resume) == "FINISHED":  # resuming would only report and register it again
         raise ConfigError(f"--resume {resume}: that run is finished (report: {RunFolder(run_dir).report}); "
                           "there is nothing left to train. Start a new run, or `picorl export` this one")
-    refuse_changes_on_resume(run_records.run_config(run_dir), overrides)
-    return run_dir
+    run_cfg = run_records.run_config(run_dir)
+    refuse_changes_on_resume(run_cfg, overrides)
+    return run_dir, run_cfg
 
 
 def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tuple[dict, RunLock]:
@@ -78,12 +79,10 @@ def open_run(cfg, resume: str | None, overrides: list[str] | None = None) -> tup
     the resolved config, of a new run or of the run being resumed) and the folder's lock."""
     flow_run_id = str(runtime.flow_run.id or "local")
     if resume:
-        run_dir = resumable_run_dir(resume, overrides)
+        run_dir, run_cfg = resumable_run(resume, overrides)  # a resumed run keeps its folder's config
         lock = RunLock(run_dir)  # before touching the run: a live owner keeps it as it is
         runs.reopen_parent_run(resume, flow_run_id)
-        # a resumed run keeps the config it started with: its folder's
-        return {"run_dir": run_dir, "parent_run_id": resume,
-                "config": to_dict(run_records.run_config(run_dir))}, lock
+        return {"run_dir": run_dir, "parent_run_id": resume, "config": to_dict(run_cfg)}, lock
     run_dir = RunFolder.new_path(cfg.run.output_dir, cfg.run.name, flow_run_id)
     try:
         run_records.prepare_run_dir(cfg, run_dir)

@@ -232,15 +232,16 @@ RULES = {
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
+# The item type of every list knob (each must also be non-empty).
+LIST_ITEMS = {"model.lora.target_modules": str, "sft.difficulties": int, "eval.difficulties": int}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RDZV_ENDPOINT = re.compile(r"[A-Za-z0-9._-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
+
 
 def yaml_float(value):
     """YAML 1.1 reads `1e-5` (no dot) as a string; a float is what anyone means. The one rule
     for both a config file's values and --set's."""
     return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
-# The item type of every list knob (each must also be non-empty).
-LIST_ITEMS = {"model.lora.target_modules": str, "sft.difficulties": int, "eval.difficulties": int}
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-RDZV_ENDPOINT = re.compile(r"[A-Za-z0-9._-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import math
 from picorl.data import messages_of
 from picorl.envs import default_env
 from picorl.rollout import Sampling
+from picorl.session import build_engine
 
 
 # The fields an eval adds to its record: the completion, the parsed prediction and its grade.
@@ -45,7 +46,6 @@ def evaluate_records(model, tokenizer, records: list[dict], *, max_tokens: int =
     (letter counting when left out)."""
     env = env or default_env()
     if engine is None:
-        from picorl.session import build_engine
         engine = build_engine("hf", model, tokenizer, batch_size=batch_size, progress=progress)
     groups = engine.generate([messages_of(r, env) for r in records], 1,
                              Sampling(temperature=0.0, max_tokens=max_tokens))

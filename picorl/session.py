@@ -20,9 +20,6 @@ from picorl.config import Config, to_dict
 from picorl.rollout.base import RolloutEngine
 from picorl.run_folder import RunFolder
 
-ENGINES = ("hf", "graph", "vllm")
-
-
 def build_engine(kind: str, model, tokenizer, *, batch_size: int = 64, progress: bool = True,
                  hf_cache: str = "dynamic", hf_compile: bool = False, graph_compile: bool = False,
                  compact: bool = True, **vllm_options) -> RolloutEngine:
