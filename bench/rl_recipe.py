@@ -39,7 +39,7 @@ from picorl.curriculum import Curriculum
 from picorl.data import messages_of
 from picorl.envs import default_env, env_of
 from picorl.files import atomic_write_text
-from picorl.evaluate import evaluate_records, paired_change
+from picorl.evaluate import evaluate_records, paired_change, sign_test
 from picorl.models import load_for_config
 from picorl.session import engine_for_config, eval_engine
 from picorl.rollout import Sampling
@@ -63,6 +63,8 @@ ARMS = {
                  ["reward.kind=binary", "stages=[{difficulty: 5, updates: 30}]"]),
     "low_lr": ("binary at a sixth of the learning rate (5e-5): from a start that counts, smaller steps",
                ["reward.kind=binary", "grpo.lr=5e-5"]),
+    "mid_lr": ("binary at a third of the learning rate (1e-4): between the rate that drifts and the one that holds",
+               ["reward.kind=binary", "grpo.lr=1e-4"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
@@ -134,16 +136,24 @@ def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: fl
     out = {"change": change, "sets": sets, "seconds": round(seconds, 1),
            "greedy": paired_change(start["items"], end["items"]), "end": end, "updates": updates}
     if "sampled" in start and "sampled" in end:  # an arm measured greedy only (--k 1) has no sampled pair
-        out["sampled"] = {"before": start["sampled"]["sampled_exact"], "after": end["sampled"]["sampled_exact"],
-                          "pass_before": start["sampled"]["pass_at_k"], "pass_after": end["sampled"]["pass_at_k"]}
+        out["sampled"] = sampled_change(start["sampled"], end["sampled"])
     return out
+
+
+def sampled_change(before: dict, after: dict) -> dict:
+    """Sampled accuracy and pass@k before -> after on the same items, with the items whose count
+    of right samples rose and fell and the sign test of that pair (a tie carries nothing)."""
+    b, a = before["per_item"], after["per_item"]
+    rose, fell = sum(1 for x, y in zip(b, a) if y > x), sum(1 for x, y in zip(b, a) if y < x)
+    return {"before": before["sampled_exact"], "after": after["sampled_exact"], "rose": rose, "fell": fell,
+            "p_value": sign_test(rose, fell), "pass_before": before["pass_at_k"], "pass_after": after["pass_at_k"]}
 
 
 def line(name: str, r: dict) -> str:
     g = r["greedy"]
     s = r.get("sampled")
-    sampled = (f"; sampled {s['before']:.1%} -> {s['after']:.1%}, pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}"
-               if s else "")
+    sampled = (f"; sampled {s['before']:.1%} -> {s['after']:.1%} (rose on {s['rose']}, fell on {s['fell']}, "
+               f"p={s['p_value']:.2g}), pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}" if s else "")
     return (f"{name}: greedy {g['before']:.1%} -> {g['after']:.1%} on {g['n']} items (gained {g['gained']}, "
             f"lost {g['lost']}, p={g['p_value']:.2g}){sampled}; {r['seconds']:.0f} s")
 

@@ -215,7 +215,8 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
         assert g["n"] == 4 and g["before"] == out["start"]["greedy"]["exact"]
         assert g["after"] - g["before"] == pytest.approx((g["gained"] - g["lost"]) / g["n"])
         assert [i["string"] for i in row["end"]["items"]] == [i["string"] for i in start_items]
-        assert set(row["sampled"]) == {"before", "after", "pass_before", "pass_after"}
+        assert set(row["sampled"]) == {"before", "after", "rose", "fell", "p_value", "pass_before", "pass_after"}
+        assert row["sampled"]["rose"] + row["sampled"]["fell"] <= g["n"]
     assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
     assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
     assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
@@ -226,6 +227,20 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
     assert "SFT start from" in third.stdout
     assert len(list((tmp_path / "start").glob("*/start-*.json"))) == 2
+
+
+def test_sampled_change_pairs_each_items_right_samples():
+    """An item counts as risen when more of its k samples are right after than before; the sign
+    test weighs the risen against the fallen, and an item that did not move carries nothing."""
+    from bench.rl_recipe import sampled_change
+    before = {"sampled_exact": 0.25, "pass_at_k": 0.5, "per_item": [0, 0, 0, 0, 0, 4, 0, 0]}
+    after = {"sampled_exact": 0.5, "pass_at_k": 0.75, "per_item": [1, 2, 1, 4, 1, 4, 0, 3]}
+    s = sampled_change(before, after)
+    assert (s["rose"], s["fell"]) == (6, 0)
+    assert s["p_value"] == pytest.approx(2 / 2 ** 6)  # both all-one-way splits of 6 changed items
+    assert (s["before"], s["after"], s["pass_before"], s["pass_after"]) == (0.25, 0.5, 0.5, 0.75)
+    s = sampled_change(after, before)
+    assert (s["rose"], s["fell"]) == (0, 6)
 
 
 @pytest.mark.slow
