@@ -3,6 +3,12 @@
 Each case runs the smoke pipeline in a fresh process that SIGKILLs itself at one point,
 resumes it with `--resume RUN_ID`, and checks through MlflowClient that every step is
 logged exactly once, contiguous, and that the final adapter equals an uninterrupted run's.
+
+The tiny random model never earns a reward, so its advantages are all zero and plain GRPO
+would leave the SFT adapter as it is: a resume that lost the optimizer's moments or the
+rollouts' seed would still end equal. A KL penalty to the base model (the adapter off) gives
+every update a gradient that depends on the sampled completions, so the final adapter
+depends on the whole GRPO state being restored.
 """
 import os
 import subprocess
@@ -29,7 +35,8 @@ def train(tmp_path, *extra, fault=None):
     log = tmp_path / f"train-{len(list(tmp_path.glob('train-*.log')))}.log"
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--config", SMOKE,
-                              "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0", *extra],
+                              "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0",
+                              "--set", "grpo.kl_coef=0.1", *extra],
                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=600)
@@ -48,8 +55,8 @@ def parent_runs(c):
     return c.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")
 
 
-def final_adapter(run):
-    ckpt = Path(run.data.tags["picorl.run_dir"]) / "checkpoints" / "step_4" / "adapter" / "adapter_model.safetensors"
+def final_adapter(run, step: int = 4):
+    ckpt = Path(run.data.tags["picorl.run_dir"]) / "checkpoints" / f"step_{step}" / "adapter" / "adapter_model.safetensors"
     return load_file(str(ckpt))
 
 
@@ -59,7 +66,10 @@ def reference(tmp_path_factory):
     r = train(tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = parent_runs(client(tmp))
-    return final_adapter(run)
+    final, after_sft = final_adapter(run), final_adapter(run, 0)
+    # GRPO moved every tensor: the comparison below would see a resume that restored it wrong
+    assert all(not torch.equal(final[k], after_sft[k]) for k in final)
+    return final
 
 
 @pytest.mark.slow
