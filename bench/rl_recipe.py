@@ -65,6 +65,10 @@ ARMS = {
                ["reward.kind=binary", "grpo.lr=5e-5"]),
     "mid_lr": ("binary at a third of the learning rate (1e-4): between the rate that drifts and the one that holds",
                ["reward.kind=binary", "grpo.lr=1e-4"]),
+    # Four times the samples an update sees (16 tasks x 8, as configs/gpu.yaml draws): the
+    # advantage of a group of 8 is a finer estimate, and 16 tasks average more items per step.
+    "low_lr_wide": ("binary at 5e-5 with 16 tasks x 8 samples an update: the small step, less noise",
+                    ["reward.kind=binary", "grpo.lr=5e-5", "grpo.tasks_per_update=16", "grpo.group_size=8"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
