@@ -36,13 +36,12 @@ from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_resu
 from picorl import data
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
-from picorl.data import messages_of
-from picorl.envs import default_env, env_of
+from picorl.envs import env_of
 from picorl.files import atomic_write_text
-from picorl.evaluate import evaluate_records, paired_change, sign_test
+from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records
+from picorl.evaluate import sampled_change as evaluate_sampled_change
 from picorl.models import load_for_config
 from picorl.session import engine_for_config, eval_engine
-from picorl.rollout import Sampling
 from picorl.sft import train_sft
 from picorl.trainer import GRPOTrainer
 
@@ -75,14 +74,13 @@ ARMS = {
 
 def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_tokens: int, seed: int,
                  env=None) -> dict:
-    """Mean fraction of k samples exactly right (sampled accuracy) and pass@k, per item and overall."""
-    env = env or default_env()
-    groups = engine.generate([messages_of(r, env) for r in records], k,
-                             Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed))
-    per_item = [[float(env.grade(c.text, r).exact) for c in grp] for r, grp in zip(records, groups)]
+    """Mean fraction of k samples exactly right (sampled accuracy) and pass@k, overall, and per
+    item the count of right samples."""
+    fractions = sample_records(engine, records, k, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                               env=env)
     n = len(records)
-    return {"k": k, "temperature": temperature, "sampled_exact": sum(sum(x) / k for x in per_item) / n,
-            "pass_at_k": sum(max(x) for x in per_item) / n, "per_item": [sum(x) for x in per_item]}
+    return {"k": k, "temperature": temperature, "sampled_exact": sum(fractions) / n,
+            "pass_at_k": sum(1 for f in fractions if f > 0) / n, "per_item": [round(f * k) for f in fractions]}
 
 
 def sampled(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
@@ -145,12 +143,12 @@ def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: fl
 
 
 def sampled_change(before: dict, after: dict) -> dict:
-    """Sampled accuracy and pass@k before -> after on the same items, with the items whose count
-    of right samples rose and fell and the sign test of that pair (a tie carries nothing)."""
-    b, a = before["per_item"], after["per_item"]
-    rose, fell = sum(1 for x, y in zip(b, a) if y > x), sum(1 for x, y in zip(b, a) if y < x)
-    return {"before": before["sampled_exact"], "after": after["sampled_exact"], "rose": rose, "fell": fell,
-            "p_value": sign_test(rose, fell), "pass_before": before["pass_at_k"], "pass_after": after["pass_at_k"]}
+    """picorl.evaluate.sampled_change of two sampled_eval results of the same items: sampled
+    accuracy and pass@k before -> after, the items whose count of right samples rose and fell,
+    and the sign test of that pair."""
+    def items(s: dict) -> list[dict]:
+        return [{SAMPLED: c / s["k"]} for c in s["per_item"]]
+    return evaluate_sampled_change(items(before), items(after))
 
 
 def line(name: str, r: dict) -> str:

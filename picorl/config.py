@@ -163,6 +163,8 @@ class EvalConfig:
     size: int = knob(32, "Items of each held-out set used per eval (at most data.eval_size).")
     max_tokens: int = knob(512, "Most new tokens per eval completion.")
     batch_size: int = knob(32, "Sequences per greedy generate call.")
+    samples: int = knob(0, "Samples per item at rollout.temperature beside the greedy answer, for sampled accuracy "
+                           "(eval/sampled_d3) and pass@k (eval/pass_d3); 0 evaluates greedily only.")
 
 
 @dataclass
@@ -223,7 +225,7 @@ RULES = {
     "grpo.weight_decay": _nonneg, "grpo.warmup_updates": _nonneg, "grpo.eps_low": (lambda v: 0 < v < 1, "in (0, 1)"), "grpo.eps_high": _pos,
     "grpo.kl_coef": _nonneg, "grpo.epochs": _pos, "grpo.micro_batch_size": _pos, "grpo.logprob_chunk": _nonneg, "grpo.max_grad_norm": _pos,
     "grpo.max_resample_rounds": _nonneg,
-    "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos,
+    "eval.every": _pos, "eval.size": _pos, "eval.max_tokens": _pos, "eval.batch_size": _pos, "eval.samples": _nonneg,
     "run.seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32): torch's and the samplers' seeds are derived from it"),
     "run.chunk_updates": _pos, "run.nproc_per_node": _pos, "run.nnodes": _pos, "run.keep_checkpoints": _pos, "run.retries": _nonneg, "run.retry_delay_s": _nonneg, "run.tracking_outage_s": _nonneg,
     "stage.difficulty": _diff, "stage.updates": _pos, "stage.window": _pos, "stage.max_difficulty": _diff,

@@ -1,14 +1,25 @@
-"""Greedy evaluation on fixed held-out sets.
+"""Greedy evaluation on fixed held-out sets, with sampled accuracy and pass@k beside it.
 
     summary, items = evaluate_records(model, tokenizer, records)
     summary == {"exact": 0.91, "partial": 0.97, "formatted": 1.0, "n": 128}
+    summary, items = evaluate_records(model, tokenizer, records, samples=4)
+    summary == {..., "sampled": 0.62, "pass_at_k": 0.85}
 
 Each item repeats its input record and adds the completion, the parsed prediction and its
-grade, so an eval table can be read line by line.
+grade (and, with samples, the fraction of its samples exactly right), so an eval table can be
+read line by line.
+
+Why sampled figures beside greedy: GRPO trains the sampled policy. It first sharpens the
+samples toward answers the model already gives, and the greedy answer moves only on items
+where the samples come to beat it; an item whose samples go from 1 of 4 right to 3 of 4 has
+not changed greedily yet. Sampled accuracy sees that move, pass@k says whether the model can
+reach the answer at all.
 """
 from __future__ import annotations
 
 import math
+
+import torch
 
 from picorl.data import messages_of
 from picorl.envs import default_env
@@ -18,32 +29,57 @@ from picorl.session import build_engine
 
 # The fields an eval adds to its record: the completion, the parsed prediction and its grade.
 GRADE_FIELDS = ("completion", "prediction", "exact", "partial", "formatted")
+# With samples: the fraction of the item's samples (at the rollout temperature) exactly right.
+SAMPLED = "sampled"
 
 
 def item_fields(items: list[dict]) -> list[str]:
     """The fields of eval items that their tables keep (the export's JSONL, MLflow's table): the
     record's fields as the environment wrote them (letter counting: difficulty, string, letters,
-    answer), then GRADE_FIELDS."""
-    return (list(item_of(items[0])) if items else []) + list(GRADE_FIELDS)
+    answer), then GRADE_FIELDS (and SAMPLED when the eval sampled)."""
+    if not items:
+        return list(GRADE_FIELDS)
+    return list(item_of(items[0])) + list(GRADE_FIELDS) + ([SAMPLED] if SAMPLED in items[0] else [])
 
 
 def item_of(item: dict) -> dict:
     """An eval item's record fields alone: what makes two evals' items the same item."""
-    return {k: v for k, v in item.items() if k not in GRADE_FIELDS and k != "messages"}
+    return {k: v for k, v in item.items() if k not in GRADE_FIELDS and k not in (SAMPLED, "messages")}
 
 
 def summarise(items: list[dict]) -> dict:
+    """Means over the items; with samples also `sampled` (the mean fraction of samples right)
+    and `pass_at_k` (the fraction of items with at least one right sample)."""
     n = len(items)
-    return {"exact": sum(i["exact"] for i in items) / n if n else 0.0,
-            "partial": sum(i["partial"] for i in items) / n if n else 0.0,
-            "formatted": sum(i["formatted"] for i in items) / n if n else 0.0,
-            "n": n}
+    out = {"exact": sum(i["exact"] for i in items) / n if n else 0.0,
+           "partial": sum(i["partial"] for i in items) / n if n else 0.0,
+           "formatted": sum(i["formatted"] for i in items) / n if n else 0.0,
+           "n": n}
+    if n and all(SAMPLED in i for i in items):
+        out["sampled"] = sum(i[SAMPLED] for i in items) / n
+        out["pass_at_k"] = sum(1 for i in items if i[SAMPLED] > 0) / n
+    return out
+
+
+def sample_records(engine, records: list[dict], k: int, *, temperature: float, max_tokens: int, seed: int,
+                   env=None) -> list[float]:
+    """k samples of every record at `temperature`; per record the fraction exactly right.
+    Seeded, so two evals of one set draw from the same random stream; the engines seed torch's
+    global generator, which is put back after, so an eval changes nothing training draws next."""
+    env = env or default_env()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+        groups = engine.generate([messages_of(r, env) for r in records], k,
+                                 Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed))
+    return [sum(float(env.grade(c.text, r).exact) for c in grp) / k for r, grp in zip(records, groups)]
 
 
 def evaluate_records(model, tokenizer, records: list[dict], *, max_tokens: int = 512,
-                     batch_size: int = 32, engine=None, progress: bool = True, env=None) -> tuple[dict, list[dict]]:
+                     batch_size: int = 32, engine=None, progress: bool = True, env=None, samples: int = 0,
+                     sampling_engine=None, temperature: float = 1.0, seed: int = 0) -> tuple[dict, list[dict]]:
     """Greedy-decode every record once; return (summary, per-item records), graded by `env`
-    (letter counting when left out)."""
+    (letter counting when left out). With `samples` > 0 each record is also sampled that many
+    times at `temperature` (through `sampling_engine`, the greedy engine when left out) and
+    its item gets SAMPLED."""
     env = env or default_env()
     if engine is None:
         engine = build_engine("hf", model, tokenizer, batch_size=batch_size, progress=progress)
@@ -53,6 +89,11 @@ def evaluate_records(model, tokenizer, records: list[dict], *, max_tokens: int =
     for r, (c,) in zip(records, groups):
         items.append({**{k: v for k, v in r.items() if k != "messages"}, "completion": c.text,
                       **env.grade(c.text, r).as_item()})
+    if samples:
+        fractions = sample_records(sampling_engine or engine, records, samples, temperature=temperature,
+                                   max_tokens=max_tokens, seed=seed, env=env)
+        for item, f in zip(items, fractions):
+            item[SAMPLED] = f
     return summarise(items), items
 
 
@@ -108,6 +149,22 @@ def paired_change(before: list[dict], after: list[dict]) -> dict:
     gained = sum(1 for b, a in zip(before, after) if a["exact"] > b["exact"])
     lost = sum(1 for b, a in zip(before, after) if a["exact"] < b["exact"])
     n = len(before)
-    return {"n": n, "before": sum(b["exact"] for b in before) / n if n else 0.0,
-            "after": sum(a["exact"] for a in after) / n if n else 0.0,
-            "gained": gained, "lost": lost, "p_value": sign_test(gained, lost)}
+    out = {"n": n, "before": sum(b["exact"] for b in before) / n if n else 0.0,
+           "after": sum(a["exact"] for a in after) / n if n else 0.0,
+           "gained": gained, "lost": lost, "p_value": sign_test(gained, lost)}
+    if n and all(SAMPLED in i for i in before + after):
+        out["sampled"] = sampled_change(before, after)
+    return out
+
+
+def sampled_change(before: list[dict], after: list[dict]) -> dict:
+    """Sampled accuracy and pass@k before -> after on the same items (matched as paired_change
+    matches them), the items whose fraction of right samples rose and fell, and the sign test of
+    that pair: an item that went from 1 of 4 samples right to 3 of 4 rose, whatever greedy did."""
+    rose = sum(1 for b, a in zip(before, after) if a[SAMPLED] > b[SAMPLED])
+    fell = sum(1 for b, a in zip(before, after) if a[SAMPLED] < b[SAMPLED])
+    n = len(before)
+    return {"before": sum(b[SAMPLED] for b in before) / n, "after": sum(a[SAMPLED] for a in after) / n,
+            "rose": rose, "fell": fell, "p_value": sign_test(rose, fell),
+            "pass_before": sum(1 for b in before if b[SAMPLED] > 0) / n,
+            "pass_after": sum(1 for a in after if a[SAMPLED] > 0) / n}

@@ -7,7 +7,8 @@ writes
     config.yaml                the resolved config the run trained with
     final_eval.jsonl           the last greedy eval, one item per line: the record's fields (letter
                                counting: difficulty, string, letters, answer), the completion, the
-                               prediction and its grade
+                               prediction and its grade (with eval.samples, `sampled`: the
+                               fraction of the item's samples exactly right)
     adapter/                   the LoRA adapter of that step (adapter_config.json + safetensors),
                                loadable by `picorl eval --adapter`
     run.json                   the step, its accuracies, the machines and the wall time of each
@@ -22,6 +23,7 @@ GRPO is measured against, on the same items:
     sft_fresh_eval.jsonl             with --fresh N: step 0's adapter on the same fresh items
                                      run.json's `change` (and `fresh_change`): per difficulty,
                                      exact before -> after, items gained and lost, sign-test p
+                                     (with eval.samples, `sampled`: the same for the samples)
 
 Everything is written into a hidden folder beside `out` and renamed at the end, and `out`
 must not exist yet, so an export never leaves half a folder nor overwrites an earlier one.

@@ -2,8 +2,10 @@
 
 An eval row's metrics are named `eval/<kind>_d<difficulty>`: `eval/acc_d3` is the exact
 accuracy of the greedy eval at difficulty (tier) 3, `eval/partial_d3` the mean fraction right
-(the environment's partial credit: letters counted right, digits in place), `eval/format_d3` the fraction of answers in the asked format. MLflow, the
-report and the benchmarks all read these names, so they are spelled here only.
+(the environment's partial credit: letters counted right, digits in place), `eval/format_d3` the fraction of answers in the asked format;
+with eval.samples, `eval/sampled_d3` the mean fraction of samples exactly right and
+`eval/pass_d3` pass@k. MLflow, the report and the benchmarks all read these names, so they
+are spelled here only.
 
     eval_metrics({3: {"exact": 0.5, "partial": 0.75, "formatted": 1.0, "n": 4}})
     -> {"eval/acc_d3": 0.5, "eval/partial_d3": 0.75, "eval/format_d3": 1.0}
@@ -14,8 +16,8 @@ from __future__ import annotations
 import re
 
 # kind in a metric name -> the key of an eval summary (picorl.evaluate.summarise)
-EVAL_KINDS = {"acc": "exact", "partial": "partial", "format": "formatted"}
-_EVAL = re.compile(r"^eval/(acc|partial|format)_d(\d+)$")
+EVAL_KINDS = {"acc": "exact", "partial": "partial", "format": "formatted", "sampled": "sampled", "pass": "pass_at_k"}
+_EVAL = re.compile(r"^eval/(acc|partial|format|sampled|pass)_d(\d+)$")
 
 
 def eval_metric(kind: str, difficulty) -> str:
@@ -25,8 +27,9 @@ def eval_metric(kind: str, difficulty) -> str:
 
 
 def eval_metrics(by_difficulty: dict) -> dict[str, float]:
-    """An eval's per-difficulty summaries as metrics."""
-    return {eval_metric(kind, d): s[field] for d, s in by_difficulty.items() for kind, field in EVAL_KINDS.items()}
+    """An eval's per-difficulty summaries as metrics (the sampled ones where the eval sampled)."""
+    return {eval_metric(kind, d): s[field] for d, s in by_difficulty.items() for kind, field in EVAL_KINDS.items()
+            if field in s}
 
 
 def parse_eval_metric(name: str) -> tuple[str, int] | None:

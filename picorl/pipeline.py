@@ -167,7 +167,8 @@ def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progres
 
 
 def run_eval(cfg: Config, run_dir, step: int, progress: bool = True) -> dict:
-    """Greedy eval of checkpoint step_N on the held-out sets; writes evals/step_N.json."""
+    """Greedy eval (and, with eval.samples, sampled) of checkpoint step_N on the held-out sets;
+    writes evals/step_N.json."""
     out, ckpt = RunFolder(run_dir).eval_file(step), RunFolder(run_dir).checkpoint(step)
     if out.is_file():
         return json.loads(out.read_text())
@@ -184,10 +185,13 @@ def _eval(cfg: Config, run_dir, step: int, ckpt: Path, out: Path, progress: bool
         sess.restore(ckpt)
     info = checkpoint.read_info(ckpt)
     sets = {d: sess.records(run_dir, "eval", d)[:cfg.eval.size] for d in cfg.eval.difficulties}
+    # Samples come from the rollout engine, at the temperature GRPO trains with, and from one
+    # seed at every step, so the eval after SFT and the final one are drawn alike.
     by_d, items = evaluate_sets(sess.model, sess.tokenizer, sets, max_tokens=cfg.eval.max_tokens, env=env_of(cfg),
-                                engine=sess.eval_engine(progress))
+                                engine=sess.eval_engine(progress), samples=cfg.eval.samples,
+                                sampling_engine=sess.engine, temperature=cfg.rollout.temperature, seed=cfg.run.seed)
     result = {"step": step, "stage": info.get("stage"), "by_difficulty": {str(d): s for d, s in by_d.items()},
-              "items": items}
+              "items": items, **({"samples": cfg.eval.samples} if cfg.eval.samples else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result))
     return result

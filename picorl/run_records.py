@@ -63,13 +63,14 @@ def eval_rows(run_dir) -> list[dict]:
 
 def grpo_gains(run_dir) -> dict[str, dict]:
     """Per eval difficulty: the final eval against the one after SFT on the same held-out
-    items (exact before and after, items gained and lost, the sign test's p); {} before a
-    second eval exists."""
+    items (exact before and after, items gained and lost, the sign test's p; with eval.samples
+    the same for the fraction of samples right, under "sampled"); {} before a second eval exists."""
     files = RunFolder(run_dir).eval_files()
     if len(files) < 2:
         return {}
     first, last = (json.loads(files[s].read_text()) for s in (min(files), max(files)))
-    return {str(d): {**c, "from_step": min(files), "to_step": max(files)}
+    samples = {"samples": last["samples"]} if "samples" in last else {}  # the k of pass@k
+    return {str(d): {**c, "from_step": min(files), "to_step": max(files), **samples}
             for d, c in changes_by_difficulty(first["items"], last["items"], matched_only=True).items()}
 
 

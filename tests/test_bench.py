@@ -233,12 +233,13 @@ def test_sampled_change_pairs_each_items_right_samples():
     """An item counts as risen when more of its k samples are right after than before; the sign
     test weighs the risen against the fallen, and an item that did not move carries nothing."""
     from bench.rl_recipe import sampled_change
-    before = {"sampled_exact": 0.25, "pass_at_k": 0.5, "per_item": [0, 0, 0, 0, 0, 4, 0, 0]}
-    after = {"sampled_exact": 0.5, "pass_at_k": 0.75, "per_item": [1, 2, 1, 4, 1, 4, 0, 3]}
+    before = {"k": 4, "per_item": [0, 0, 0, 0, 0, 4, 0, 0]}
+    after = {"k": 4, "per_item": [1, 2, 1, 4, 1, 4, 0, 3]}
     s = sampled_change(before, after)
     assert (s["rose"], s["fell"]) == (6, 0)
     assert s["p_value"] == pytest.approx(2 / 2 ** 6)  # both all-one-way splits of 6 changed items
-    assert (s["before"], s["after"], s["pass_before"], s["pass_after"]) == (0.25, 0.5, 0.5, 0.75)
+    # 4 of 32 samples right, then 16 of 32; one item of 8 with a right sample, then 7
+    assert (s["before"], s["after"], s["pass_before"], s["pass_after"]) == (4 / 32, 16 / 32, 1 / 8, 7 / 8)
     s = sampled_change(after, before)
     assert (s["rose"], s["fell"]) == (0, 6)
 

@@ -61,6 +61,8 @@ def test_yaml_then_overrides(tmp_path):
     ("", ["run.seed=-1"], r"run.seed=-1 must be in \[0, 2\*\*32\)"),
     ("", ["run.nproc_per_node=10000"], r"run.nproc_per_node=10000 is more processes than this machine's"),
     ("", ["reward.overlong_buffer=-1"], r"reward.overlong_buffer=-1 must be >= 0"),
+    ("", ["eval.samples=-1"], r"eval.samples=-1 must be >= 0"),
+    ("", ["eval.samples=4.5"], r"eval.samples: expected int, got 4.5"),
     ("", ["rollout.temperature=0"], r"rollout.temperature=0 samples one greedy completion k times"),
     ("", ["rollout.max_tokens=64", "reward.overlong_buffer=65"],
      r"reward.overlong_buffer=65 must be <= rollout.max_tokens=64"),

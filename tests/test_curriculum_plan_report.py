@@ -136,6 +136,29 @@ def test_report_shows_truncation_and_what_grpo_changed(tmp_path):
     assert gain_line("3", gains["3"]) in md
 
 
+def test_gain_line_adds_the_sampled_pair_when_the_evals_sampled(tmp_path):
+    """With eval.samples the line also says how the fraction of right samples moved item by
+    item, and pass@k with the run's k."""
+    import json
+
+    from picorl.report import gain_line
+    from picorl.run_folder import RunFolder
+    from picorl.run_records import grpo_gains
+    run = RunFolder(tmp_path)
+    words = ["ab", "ba", "aa", "bb"]
+    # 4 samples an item: 0, 1, 1, 2 right after SFT; 2, 3, 1, 0 at the end (rose on 2, fell on 1)
+    first = [{"difficulty": 3, "string": w, "letters": ["a"], "exact": 0.0, "sampled": f} for w, f in
+             zip(words, [0.0, 0.25, 0.25, 0.5])]
+    last = [{**i, "sampled": f} for i, f in zip(first, [0.5, 0.75, 0.25, 0.0])]
+    run.eval_file(0).parent.mkdir(parents=True)
+    for step, its in ((0, first), (4, last)):
+        run.eval_file(step).write_text(json.dumps({"step": step, "by_difficulty": {"3": {"exact": 0}}, "items": its,
+                                                   "samples": 4}))
+    line = gain_line("3", grpo_gains(tmp_path)["3"])
+    assert line == ("d3 exact after SFT 0.0% -> after GRPO 0.0% on 4 held-out items (gained 0, lost 0; sign test "
+                    "p = 1); sampled 25.0% -> 37.5% (rose on 2, fell on 1; p = 1), pass@4 75.0% -> 75.0%")
+
+
 def test_eval_metric_names_are_built_and_read_back_in_one_place():
     from picorl.metrics import eval_difficulties, eval_metric, eval_metrics, parse_eval_metric
     m = eval_metrics({"3": {"exact": 0.5, "partial": 0.75, "formatted": 1.0, "n": 4}, 10: {"exact": 0.1, "partial": 0.2,

@@ -64,6 +64,9 @@ def test_export_holds_report_final_eval_adapter_and_timings(finished_run, tmp_pa
         assert (change["gained"], change["lost"], change["n"]) == (
             sum(a > b for b, a in pairs), sum(a < b for b, a in pairs), 4)
         assert change["before"] == run["sft_exact"][f"d{d}"] == first["by_difficulty"][str(d)]["exact"]
+        samples = [(b["sampled"], a["sampled"]) for b, a in zip(first["items"], last["items"]) if b["difficulty"] == d]
+        assert (change["sampled"]["rose"], change["sampled"]["fell"]) == (  # smoke.yaml's eval.samples
+            sum(a > b for b, a in samples), sum(a < b for b, a in samples))
     # Every step was timed on this machine, the failed eval try included.
     timings = run_records.read_timings(finished_run)
     assert [t["task"] for t in timings].count("grpo") == 2 and [t["ok"] for t in timings].count(False) == 1

@@ -153,6 +153,7 @@ def test_stopped_run_resumes_where_it_stopped(store, monkeypatch):
     assert steps(client, pid, "train/reward_mean") == [1, 2, 3, 4]
     assert steps(client, pid, "sft/loss") == [1, 2, 3]
     assert steps(client, pid, "eval/acc_d3") == [0, 2, 4]
+    assert steps(client, pid, "eval/sampled_d3") == steps(client, pid, "eval/pass_d3") == [0, 2, 4]  # eval.samples
     assert len(client.search_runs([exp.experiment_id], filter_string="tags.`picorl.parent` = 'true'")) == 1
 
 
