@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -90,6 +91,12 @@ def cmd_eval(args) -> None:
     for flag in ("max_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    if args.samples and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a finite number > 0 to sample, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     env = env_from_args(args)
     try:
         records = data.read_jsonl(args.data, env)
@@ -112,7 +119,8 @@ def cmd_eval(args) -> None:
         raise UsageError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
                          f"{context} tokens; it must be below {context}")
     summary, items = evaluate.evaluate_records(model, tok, records, max_tokens=args.max_tokens,
-                                               batch_size=args.batch_size, env=env)
+                                               batch_size=args.batch_size, env=env, samples=args.samples,
+                                               temperature=args.temperature, seed=args.seed)
     try:
         data.write_jsonl(items, args.out)
     except OSError as e:
@@ -363,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace --out if it is an existing file")
     e.add_argument("--max-tokens", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--samples", type=int, default=0, help="also sample each record this many times: sampled "
+                   "accuracy and pass@k in the summary, each item's fraction of right samples as `sampled`")
+    e.add_argument("--temperature", type=float, default=1.0, help="the samples' temperature (training's default)")
+    e.add_argument("--seed", type=int, default=0, help="the samples' seed")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.set_defaults(func=cmd_eval)

@@ -55,6 +55,9 @@ def write_records(tmp_path, records, name="in.jsonl"):
 @pytest.mark.parametrize("args,msg", [
     (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--samples", "-1"], "--samples must be >= 0, got -1"),
+    (["--samples", "2", "--temperature", "0"], "--temperature must be a finite number > 0 to sample, got 0.0"),
+    (["--samples", "2", "--seed", "-3"], "--seed must be in [0, 2**32), got -3"),
     (["--max-tokens", "1000000000"], "--max-tokens 1000000000 leaves no room for a prompt in the model's context "
                                      "of 4096 tokens"),
 ])
@@ -104,3 +107,23 @@ def test_eval_on_cuda_without_cuda_is_one_line(tmp_path):
     r = run_cli("eval", "--model", "tiny-random-llama", "--device", "cuda",
                 "--data", str(write_records(tmp_path, data.eval_records(1, 2))), "--out", str(tmp_path / "o.jsonl"))
     assert r.returncode == 2 and "no CUDA device is available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_samples_beside_greedy(tmp_path):
+    """--samples K: the summary gains sampled accuracy and pass@K, each item its fraction of
+    right samples; the greedy half is the eval without samples, and the seed repeats the samples."""
+    src = write_records(tmp_path, data.eval_records(1, 4))
+    outs = []
+    for name, extra in (("greedy", []), ("a", ["--samples", "3"]), ("b", ["--samples", "3"])):
+        out = tmp_path / f"{name}.jsonl"
+        r = run_cli("eval", "--model", "tiny-random-llama", "--data", str(src), "--out", str(out),
+                    "--max-tokens", "6", *extra)
+        assert r.returncode == 0, r.stderr
+        outs.append((json.loads(r.stdout.strip().splitlines()[-1]), data.read_jsonl(out)))
+    (g_sum, greedy), (s_sum, sampled), (_, again) = outs
+    assert set(g_sum) == {"exact", "partial", "formatted", "n"}
+    assert set(s_sum) == set(g_sum) | {"sampled", "pass_at_k"}
+    assert [i["completion"] for i in sampled] == [i["completion"] for i in greedy]
+    assert all(i["sampled"] in (0.0, 1 / 3, 2 / 3, 1.0) for i in sampled)
+    assert [i["sampled"] for i in again] == [i["sampled"] for i in sampled]
+    assert s_sum["sampled"] == pytest.approx(sum(i["sampled"] for i in sampled) / 4)
