@@ -38,7 +38,7 @@ from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
 from picorl.files import atomic_write_text
-from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records
+from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records, sampled_figures
 from picorl.evaluate import sampled_change as evaluate_sampled_change
 from picorl.models import load_for_config
 from picorl.session import engine_for_config, eval_engine
@@ -78,9 +78,9 @@ def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_to
     item the count of right samples."""
     fractions = sample_records(engine, records, k, temperature=temperature, max_tokens=max_tokens, seed=seed,
                                env=env)
-    n = len(records)
-    return {"k": k, "temperature": temperature, "sampled_exact": sum(fractions) / n,
-            "pass_at_k": sum(1 for f in fractions if f > 0) / n, "per_item": [round(f * k) for f in fractions]}
+    figures = sampled_figures(fractions)
+    return {"k": k, "temperature": temperature, "sampled_exact": figures["sampled"],
+            "pass_at_k": figures["pass_at_k"], "per_item": [round(f * k) for f in fractions]}
 
 
 def sampled(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from picorl.checkpoint import rng_state, set_rng_state
 from picorl.data import messages_of
 from picorl.envs import default_env
 from picorl.rollout import Sampling
@@ -56,9 +55,15 @@ def summarise(items: list[dict]) -> dict:
            "formatted": sum(i["formatted"] for i in items) / n if n else 0.0,
            "n": n}
     if n and all(SAMPLED in i for i in items):
-        out["sampled"] = sum(i[SAMPLED] for i in items) / n
-        out["pass_at_k"] = sum(1 for i in items if i[SAMPLED] > 0) / n
+        out.update(sampled_figures([i[SAMPLED] for i in items]))
     return out
+
+
+def sampled_figures(fractions: list[float]) -> dict:
+    """Sampled accuracy (the mean fraction of samples right) and pass@k (the fraction of items
+    with a right sample) of per-item fractions: [0, 0.25, 1] -> sampled 0.417, pass_at_k 0.667."""
+    n = len(fractions)
+    return {"sampled": sum(fractions) / n, "pass_at_k": sum(1 for f in fractions if f > 0) / n}
 
 
 def sample_records(engine, records: list[dict], k: int, *, temperature: float, max_tokens: int, seed: int,
@@ -67,9 +72,12 @@ def sample_records(engine, records: list[dict], k: int, *, temperature: float, m
     Seeded, so two evals of one set draw from the same random stream; the engines seed torch's
     global generator, which is put back after, so an eval changes nothing training draws next."""
     env = env or default_env()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []):
+    state = rng_state()
+    try:
         groups = engine.generate([messages_of(r, env) for r in records], k,
                                  Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed))
+    finally:
+        set_rng_state(state)
     return [sum(float(env.grade(c.text, r).exact) for c in grp) / k for r, grp in zip(records, groups)]
 
 
@@ -163,8 +171,6 @@ def sampled_change(before: list[dict], after: list[dict]) -> dict:
     that pair: an item that went from 1 of 4 samples right to 3 of 4 rose, whatever greedy did."""
     rose = sum(1 for b, a in zip(before, after) if a[SAMPLED] > b[SAMPLED])
     fell = sum(1 for b, a in zip(before, after) if a[SAMPLED] < b[SAMPLED])
-    n = len(before)
-    return {"before": sum(b[SAMPLED] for b in before) / n, "after": sum(a[SAMPLED] for a in after) / n,
-            "rose": rose, "fell": fell, "p_value": sign_test(rose, fell),
-            "pass_before": sum(1 for b in before if b[SAMPLED] > 0) / n,
-            "pass_after": sum(1 for a in after if a[SAMPLED] > 0) / n}
+    b, a = (sampled_figures([i[SAMPLED] for i in its]) for its in (before, after))
+    return {"before": b["sampled"], "after": a["sampled"], "rose": rose, "fell": fell,
+            "p_value": sign_test(rose, fell), "pass_before": b["pass_at_k"], "pass_after": a["pass_at_k"]}
