@@ -68,6 +68,10 @@ ARMS = {
     # advantage of a group of 8 is a finer estimate, and 16 tasks average more items per step.
     "low_lr_wide": ("binary at 5e-5 with 16 tasks x 8 samples an update: the small step, less noise",
                     ["reward.kind=binary", "grpo.lr=5e-5", "grpo.tasks_per_update=16", "grpo.group_size=8"]),
+    # The k3 KL to the policy GRPO starts from (the SFT adapter, grpo.kl_reference=start):
+    # every sample, zero-variance groups included, is pulled back towards SFT's distribution,
+    # against the collapse of all samples onto one constant answer.
+    "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 

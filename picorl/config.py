@@ -136,7 +136,9 @@ class GRPOConfig:
     warmup_updates: int = knob(0, "Updates of linear learning-rate warmup; constant afterwards.")
     eps_low: float = knob(0.2, "Lower clip range of the ratio (1 - eps_low).")
     eps_high: float | None = knob(None, "Upper clip range of the ratio (1 + eps_high); null: 0.28 for dapo (clip-higher), else 0.2.")
-    kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (adapter off); 0 skips it.")
+    kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (grpo.kl_reference); 0 skips it.")
+    kl_reference: str = knob("start", "The KL term's reference policy: start, the weights GRPO started from (the SFT policy, "
+                                      "checkpoint step_0); base, the model with the LoRA adapter off (before SFT).")
     epochs: int = knob(1, "Passes over one batch of rollouts; ppo needs >= 2, the others usually 1.")
     shared_prefix: bool = knob(True, "Run each prompt once per micro-batch and its completions on its cached keys/values (same loss and gradients, fewer tokens); false runs every full sequence.")
     micro_batch_size: int = knob(16, "Sequences per forward/backward; gradients accumulate over the batch.")
@@ -209,6 +211,7 @@ CHOICES = {
     "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
+    "grpo.kl_reference": ("start", "base"),
 }
 _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
@@ -423,6 +426,9 @@ def validate(cfg: Config) -> None:
                           "starting with a letter or digit): it names a folder inside run.output_dir")
     if cfg.grpo.algorithm == "ppo" and cfg.grpo.epochs < 2:
         raise ConfigError(f"grpo.algorithm=ppo needs grpo.epochs >= 2 (several passes over one batch), got {cfg.grpo.epochs}")
+    if cfg.grpo.kl_reference == "base" and not cfg.model.lora.enabled:
+        raise ConfigError("grpo.kl_reference=base is the model with its LoRA adapter off; with model.lora.enabled=false "
+                          "there is no adapter to turn off (use grpo.kl_reference=start)")
     if cfg.sft.enabled and cfg.sft.warmup_steps >= cfg.sft.steps > 0:
         raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps} must be below sft.steps={cfg.sft.steps}: "
                           "SFT would end before its learning rate reached sft.lr")

@@ -137,6 +137,7 @@ def _chunk(cfg: Config, run_dir, chunk: Chunk, latest: Path, info: dict, progres
         sess.restore(latest)  # the trainer's step too
     history = read_history(run_dir)
     trainer = sess.get_trainer()
+    trainer.reference_from(RunFolder(run_dir).checkpoint(0))  # the KL's reference: GRPO's start, also after a resume
     stage = cfg.stages[chunk.stage]
     curriculum = Curriculum.for_stage(stage)
     if info.get("stage") == chunk.stage and info.get("curriculum"):

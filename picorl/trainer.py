@@ -8,17 +8,17 @@ is the same update whether the run went straight through or resumed from a check
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from picorl.batching import distinct_rows, pad_batch
+from picorl.checkpoint import load_model_weights
 from picorl.data import messages_of
 from picorl.distributed import all_sum, gather, rank_and_world, sum_gradients
 from picorl.envs import env_of
@@ -102,11 +102,15 @@ class GRPOTrainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.device = next(model.parameters()).device
-        # With LoRA the reference policy is the same model with the adapter off; full
-        # fine-tuning needs a frozen copy, made only when a KL term asks for it.
-        self.ref_model = None
-        if g.kl_coef > 0 and not hasattr(model, "disable_adapter"):
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # The KL term's reference: by default the trained weights as GRPO finds them (the SFT
+        # policy), kept as a copy of the trainable tensors (a LoRA adapter: a few MB) and
+        # swapped in for the reference's forward. A resumed run must not take its resume
+        # point as the reference: the pipeline sets it from step_0 (`reference_from`).
+        # kl_reference=base is the model with the adapter off instead: the model before SFT,
+        # which cannot answer in the format SFT taught, so the KL pulls towards unlearning it.
+        self.reference: dict[str, torch.Tensor] | None = None
+        if g.kl_coef > 0 and g.kl_reference == "start":
+            self.reference = self._trained_weights()
 
     # ------------------------------------------------------------ rollouts and rewards
 
@@ -263,11 +267,12 @@ class GRPOTrainer:
                     lp, m = self._logprobs(self.model, completions, group_of, part)
                     for j, i in enumerate(part):
                         old[i] = lp[j][m[j].bool()]
+        ref = self._ref_logprobs(completions, group_of, parts) if g.kl_coef > 0 else {}
         loss_sum = kl_sum = clip_sum = 0.0
         n_mb = 0
         self.model.train()
         for _ in range(g.epochs):
-            for part in parts:
+            for j, part in enumerate(parts):
                 logp, cm = self._logprobs(self.model, completions, group_of, part)
                 if old:
                     old_lp = torch.zeros_like(logp)
@@ -281,7 +286,7 @@ class GRPOTrainer:
                                       agg=agg, max_len=max_len, return_metrics=True)
                 total = loss
                 if g.kl_coef > 0:
-                    kl = kl_penalty(logp, self._ref_logprobs(completions, group_of, part), cm, agg, max_len)
+                    kl = kl_penalty(logp, ref[j], cm, agg, max_len)
                     total = total + g.kl_coef * kl
                     kl_sum += kl.item() * weight
                 (total * weight / g.epochs).backward()
@@ -293,12 +298,40 @@ class GRPOTrainer:
         return loss_sum, kl_sum / g.epochs, clip_sum / max(n_mb, 1)
 
     @torch.no_grad()
-    def _ref_logprobs(self, completions, group_of, part):
-        if self.ref_model is not None:
-            return self._logprobs(self.ref_model, completions, group_of, part)[0]
-        ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
-        with ctx:
-            return self._logprobs(self.model, completions, group_of, part)[0]
+    def _ref_logprobs(self, completions, group_of, parts) -> dict[int, torch.Tensor]:
+        """The reference policy's log-probs of each micro-batch in `parts`, by its index.
+
+        Computed before any forward that builds a graph: swapping the reference weights in
+        while a graph holds the trained ones would corrupt its backward."""
+        self.model.eval()  # as the policy's own forward would be without dropout: no noise in the target
+        if self.reference is None:  # kl_reference=base
+            with self.model.disable_adapter():
+                return {j: self._logprobs(self.model, completions, group_of, part)[0] for j, part in enumerate(parts)}
+        now = self._trained_weights()
+        self._load_trained(self.reference)
+        try:
+            return {j: self._logprobs(self.model, completions, group_of, part)[0] for j, part in enumerate(parts)}
+        finally:
+            self._load_trained(now)
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def _load_trained(self, weights: dict[str, torch.Tensor]) -> None:
+        for n, p in self.model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
+
+    def reference_from(self, folder) -> None:
+        """Take the KL reference from checkpoint `folder` (step_0: the policy GRPO started
+        from), whatever the model holds now (a resumed run holds a later step)."""
+        if self.cfg.grpo.kl_coef <= 0 or self.cfg.grpo.kl_reference != "start":
+            return
+        now = self._trained_weights()
+        load_model_weights(self.model, Path(folder))
+        self.reference = self._trained_weights()
+        self._load_trained(now)
 
     # ------------------------------------------------------------ state for checkpoints
 

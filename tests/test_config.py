@@ -67,6 +67,8 @@ def test_yaml_then_overrides(tmp_path):
     ("", ["rollout.max_tokens=64", "reward.overlong_buffer=65"],
      r"reward.overlong_buffer=65 must be <= rollout.max_tokens=64"),
     ("", ["grpo.overlong_filter=yes please"], r"grpo.overlong_filter: expected bool"),
+    ("", ["grpo.kl_reference=sft"], r"grpo.kl_reference='sft' is not one of start, base"),
+    ("", ["grpo.kl_reference=base", "model.lora.enabled=false"], r"grpo.kl_reference=base is the model with its LoRA adapter off"),
     ("", ["model.lora.target_modules=[]"], r"model.lora.target_modules: expected a non-empty list, got \[\]"),
     ("", ["model.lora.target_modules=[q_proj, 3]"], r"target_modules: every item must be str, got 3"),
     ("", ["sft.difficulties=[]"], r"sft.difficulties: expected a non-empty list"),

@@ -36,7 +36,7 @@ def train(tmp_path, *extra, fault=None):
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--config", SMOKE,
                               "--set", f"run.output_dir={tmp_path / 'out'}", "--set", "run.retries=0",
-                              "--set", "grpo.kl_coef=0.1", *extra],
+                              "--set", "grpo.kl_coef=0.1", "--set", "grpo.kl_reference=base", *extra],
                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=600)

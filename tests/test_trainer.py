@@ -76,6 +76,88 @@ def test_kl_grows_as_the_policy_leaves_the_reference(tokenizer):
     assert kls[-1] > 1e-4
 
 
+def _trained_adapter(tokenizer, std=0.1):
+    """A float64 LoRA model whose adapter is not zero, as after SFT: adapter off != adapter on."""
+    model = add_lora(float64_norms(tiny_llama(len(tokenizer), initializer_range=0.3)), rank=4, alpha=8).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+    return model
+
+
+def _kl_only(trainer, completions):
+    """_optimise with every advantage zero: what it returns and leaves in .grad is the KL term's alone."""
+    trainer.model.zero_grad(set_to_none=True)
+    adv = torch.zeros(len(completions), dtype=torch.float64)
+    _, kl, _ = trainer._optimise(completions, [0] * len(completions), adv)
+    return kl, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.params]
+
+
+def test_the_kl_reference_is_the_policy_grpo_started_from_not_the_adapter_off(tokenizer):
+    """kl_reference=start: the KL is 0 (and its gradient too) until the weights move, and after
+    they move it equals the k3 KL against a frozen copy of the start, gradient included (the
+    swap of reference weights leaves the policy's graph alone). base: the adapter off, which
+    a trained adapter is already far from."""
+    import copy
+    from picorl.grpo import kl_penalty, token_logprobs
+    from picorl.batching import pad_batch
+    from picorl.rollout import Completion
+    prompt = [5, 6, 7, 8]
+    comps = [Completion("", [20, 21, 22], prompt), Completion("", [23, 24], prompt), Completion("", [29], prompt)]
+    model = _trained_adapter(tokenizer)
+    start = copy.deepcopy(model)
+    cfg = load_config(None, ["grpo.kl_coef=0.5", "grpo.micro_batch_size=2", "rollout.max_tokens=3"])
+    trainer = GRPOTrainer(model, tokenizer, None, cfg)
+    kl, grads = _kl_only(trainer, comps)
+    assert kl == 0.0 and all(bool((g == 0).all()) for g in grads)
+
+    base = GRPOTrainer(model, tokenizer, None, load_config(None, ["grpo.kl_coef=0.5", "grpo.kl_reference=base",
+                                                                  "grpo.micro_batch_size=2", "rollout.max_tokens=3"]))
+    assert _kl_only(base, comps)[0] > 1e-4
+
+    with torch.no_grad():  # the policy moves away from its start
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kl, grads = _kl_only(trainer, comps)
+    assert all(torch.equal(p, moved[n]) for n, p in model.named_parameters())  # the start was swapped back out
+
+    # By hand: the full batch at once, the reference a separate frozen model.
+    seqs = [c.prompt_ids + c.token_ids for c in comps]
+    masks = [[0] * len(c.prompt_ids) + [1] * len(c.token_ids) for c in comps]
+    batch = pad_batch(seqs, masks, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        ref_lp, _ = token_logprobs(start.eval(), *batch)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    lp, cm = token_logprobs(model, *batch)
+    want = kl_penalty(lp, ref_lp, cm)
+    (0.5 * want).backward()  # grpo.kl_coef
+    want_grads = [p.grad for p in trainer.params]
+    assert kl == pytest.approx(want.item(), rel=1e-10) and want.item() > 0
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-14) for a, b in zip(grads, want_grads))
+
+
+def test_reference_from_a_checkpoint_leaves_the_weights_in_memory(tokenizer, tmp_path):
+    """A resumed run holds step N; its KL reference is step_0's weights, read from disk."""
+    model = _trained_adapter(tokenizer)
+    trainer = GRPOTrainer(model, tokenizer, None, load_config(None, ["grpo.kl_coef=0.1"]))
+    folder = checkpoint.save_checkpoint(tmp_path, 0, model, trainer.state_dict())
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(1.0)
+    later = GRPOTrainer(model, tokenizer, None, trainer.cfg)  # as after a restore of step N
+    assert not torch.equal(later.reference[next(iter(saved))], saved[next(iter(saved))])
+    now = {n: p.detach().clone() for n, p in model.named_parameters()}
+    later.reference_from(folder)
+    assert set(later.reference) == set(saved)
+    assert all(torch.equal(later.reference[n], saved[n]) for n in saved)
+    assert all(torch.equal(p, now[n]) for n, p in model.named_parameters())
+
+
 def test_micro_batches_and_shared_prefixes_give_the_full_batch_gradient(tokenizer):
     from picorl.grpo import group_advantages
     for algorithm in ("grpo", "dapo", "dr_grpo"):
