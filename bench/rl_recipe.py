@@ -34,6 +34,7 @@ import torch
 
 from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl import data
+from picorl.checkpoint import load_trained_weights, trained_weights
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
@@ -103,18 +104,6 @@ def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     if k > 1:
         out["sampled"] = sampled(model, tok, cfg, records, k, seed)
     return out
-
-
-def trained_weights(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_weights(model, weights: dict) -> None:
-    """Copy `weights` (a trained_weights dict) into the model's trainable parameters."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in weights:
-                p.copy_(weights[n])
 
 
 def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[dict], float]:
@@ -214,7 +203,7 @@ def main() -> int:
                                           start_dir / f"start-{eval_key}.json")
     if weights_file.is_file() and sft_file.is_file():
         saved = torch.load(weights_file, weights_only=True)
-        load_weights(model, saved["weights"])
+        load_trained_weights(model, saved["weights"])
         sft_opt.load_state_dict(saved["optimizer"])
         sft_s = json.loads(sft_file.read_text())["sft_seconds"]
         print(f"SFT start from {start_dir} ({sft_s:.0f} s when it was made)", flush=True)
@@ -243,7 +232,7 @@ def main() -> int:
 
     for arm in args.arms:
         change, sets = ARMS[arm]
-        load_weights(model, start_weights)
+        load_trained_weights(model, start_weights)
         print(f"\n=== {arm}: {change}", flush=True)
         torch.manual_seed(base.run.seed)
         if arm == "more_sft":

@@ -40,6 +40,19 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of the model's trainable tensors by parameter name (a LoRA adapter: a few MB)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (a trained_weights dict) into the model's parameters in place."""
+    for n, p in model.named_parameters():
+        if n in weights:
+            p.copy_(weights[n])
+
+
 def save_model_weights(model, folder: Path) -> None:
     if _is_peft(model):
         model.save_pretrained(folder / "adapter", safe_serialization=True)

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from picorl.batching import distinct_rows, pad_batch
-from picorl.checkpoint import load_model_weights
+from picorl.checkpoint import load_model_weights, load_trained_weights, trained_weights
 from picorl.data import messages_of
 from picorl.distributed import all_sum, gather, rank_and_world, sum_gradients
 from picorl.envs import env_of
@@ -110,7 +110,7 @@ class GRPOTrainer:
         # which cannot answer in the format SFT taught, so the KL pulls towards unlearning it.
         self.reference: dict[str, torch.Tensor] | None = None
         if g.kl_coef > 0 and g.kl_reference == "start":
-            self.reference = self._trained_weights()
+            self.reference = trained_weights(self.model)
 
     # ------------------------------------------------------------ rollouts and rewards
 
@@ -307,31 +307,22 @@ class GRPOTrainer:
         if self.reference is None:  # kl_reference=base
             with self.model.disable_adapter():
                 return {j: self._logprobs(self.model, completions, group_of, part)[0] for j, part in enumerate(parts)}
-        now = self._trained_weights()
-        self._load_trained(self.reference)
+        now = trained_weights(self.model)
+        load_trained_weights(self.model, self.reference)
         try:
             return {j: self._logprobs(self.model, completions, group_of, part)[0] for j, part in enumerate(parts)}
         finally:
-            self._load_trained(now)
-
-    def _trained_weights(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def _load_trained(self, weights: dict[str, torch.Tensor]) -> None:
-        for n, p in self.model.named_parameters():
-            if n in weights:
-                p.copy_(weights[n])
+            load_trained_weights(self.model, now)
 
     def reference_from(self, folder) -> None:
         """Take the KL reference from checkpoint `folder` (step_0: the policy GRPO started
         from), whatever the model holds now (a resumed run holds a later step)."""
         if self.cfg.grpo.kl_coef <= 0 or self.cfg.grpo.kl_reference != "start":
             return
-        now = self._trained_weights()
+        now = trained_weights(self.model)
         load_model_weights(self.model, Path(folder))
-        self.reference = self._trained_weights()
-        self._load_trained(now)
+        self.reference = trained_weights(self.model)
+        load_trained_weights(self.model, now)
 
     # ------------------------------------------------------------ state for checkpoints
 
