@@ -73,6 +73,7 @@ ARMS = {
     # every sample, zero-variance groups included, is pulled back towards SFT's distribution,
     # against the collapse of all samples onto one constant answer.
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
+    "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
