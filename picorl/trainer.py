@@ -109,6 +109,7 @@ class GRPOTrainer:
         # kl_reference=base is the model with the adapter off instead: the model before SFT,
         # which cannot answer in the format SFT taught, so the KL pulls towards unlearning it.
         self.reference: dict[str, torch.Tensor] | None = None
+        self.reference_folder: str | None = None  # the checkpoint `reference` was read from
         if g.kl_coef > 0 and g.kl_reference == "start":
             self.reference = trained_weights(self.model)
 
@@ -316,12 +317,13 @@ class GRPOTrainer:
 
     def reference_from(self, folder) -> None:
         """Take the KL reference from checkpoint `folder` (step_0: the policy GRPO started
-        from), whatever the model holds now (a resumed run holds a later step)."""
-        if self.cfg.grpo.kl_coef <= 0 or self.cfg.grpo.kl_reference != "start":
+        from), whatever the model holds now (a resumed run holds a later step). Read once: every
+        GRPO chunk asks for the same step_0, and a full fine-tune's is the whole model."""
+        if self.cfg.grpo.kl_coef <= 0 or self.cfg.grpo.kl_reference != "start" or self.reference_folder == str(folder):
             return
         now = trained_weights(self.model)
         load_model_weights(self.model, Path(folder))
-        self.reference = trained_weights(self.model)
+        self.reference, self.reference_folder = trained_weights(self.model), str(folder)
         load_trained_weights(self.model, now)
 
     # ------------------------------------------------------------ state for checkpoints
