@@ -74,6 +74,10 @@ ARMS = {
     # against the collapse of all samples onto one constant answer.
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
+    "balanced": ("binary, GRPO's prompts ask letters balanced over absent / once / more (all ones right on 20% at d3, not 35%)",
+                 ["reward.kind=binary", "env.options.train_letters=balanced"]),
+    "balanced_mid_lr": ("balanced prompts at a third of the learning rate (1e-4)",
+                        ["reward.kind=binary", "env.options.train_letters=balanced", "grpo.lr=1e-4"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
@@ -128,11 +132,36 @@ def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[d
     return rows, time.perf_counter() - t0
 
 
-def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict]) -> dict:
+def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict],
+               split: dict[str, list[bool]] | None = None) -> dict:
     out = {"change": change, "sets": sets, "seconds": round(seconds, 1),
            "greedy": paired_change(start["items"], end["items"]), "end": end, "updates": updates}
     if "sampled" in start and "sampled" in end:  # an arm measured greedy only (--k 1) has no sampled pair
         out["sampled"] = sampled_change(start["sampled"], end["sampled"])
+    if split:
+        out["split"] = {name: arm_result(change, sets, subset(start, mask), subset(end, mask), seconds, [])
+                        for name, mask in split.items()}
+        for part in out["split"].values():
+            del part["change"], part["sets"], part["seconds"], part["end"], part["updates"]
+    return out
+
+
+def constant_answer_split(records: list[dict]) -> dict[str, list[bool]] | None:
+    """Letter counting's eval items split by whether the constant answer (every asked letter
+    once) is right on them: a policy that collapses onto it gains the first part and loses
+    the second, so a gain that counts shows in "counting"."""
+    if not all(isinstance(r.get("answer"), dict) and "letters" in r for r in records):
+        return None
+    constant = [set(r["answer"].values()) == {1} for r in records]
+    return {"constant": constant, "counting": [not c for c in constant]}
+
+
+def subset(measured: dict, mask: list[bool]) -> dict:
+    """The greedy items and sampled counts of `measured` (a measure() result) where mask holds."""
+    out = {"items": [i for i, keep in zip(measured["items"], mask) if keep]}
+    if "sampled" in measured:
+        s = measured["sampled"]
+        out["sampled"] = {**s, "per_item": [c for c, keep in zip(s["per_item"], mask) if keep]}
     return out
 
 
@@ -150,8 +179,10 @@ def line(name: str, r: dict) -> str:
     s = r.get("sampled")
     sampled = (f"; sampled {s['before']:.1%} -> {s['after']:.1%} (rose on {s['rose']}, fell on {s['fell']}, "
                f"p={s['p_value']:.2g}), pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}" if s else "")
+    parts = "".join(f"\n  {line(part, p)}" for part, p in r.get("split", {}).items())
+    seconds = f"; {r['seconds']:.0f} s" if "seconds" in r else ""
     return (f"{name}: greedy {g['before']:.1%} -> {g['after']:.1%} on {g['n']} items (gained {g['gained']}, "
-            f"lost {g['lost']}, p={g['p_value']:.2g}){sampled}; {r['seconds']:.0f} s")
+            f"lost {g['lost']}, p={g['p_value']:.2g}){sampled}{seconds}{parts}")
 
 
 def main() -> int:
@@ -174,8 +205,11 @@ def main() -> int:
         return 2
     env = env_of(base)
     eval_set = data.eval_records(args.eval_difficulty, args.eval_size, env=env)
-    train_sets = {d: data.train_records(d, base.data.train_size, seed=base.data.seed, env=env) for d in env.tiers
-                  if any(d in Curriculum.for_stage(s).reachable() for c in arm_cfgs.values() for s in c.stages)}
+    # GRPO's prompts come from each arm's own environment (an arm may change how the train
+    # split asks, e.g. env.options.train_letters); SFT and the eval set are the base config's.
+    train_sets = {a: {d: data.train_records(d, c.data.train_size, seed=c.data.seed, env=env_of(c)) for d in env.tiers
+                      if any(d in Curriculum.for_stage(s).reachable() for s in c.stages)}
+                  for a, c in arm_cfgs.items()}
     out = {"machine": machine(), "config": {"config": args.config, "sets": args.set}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
     stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}"
@@ -196,7 +230,7 @@ def main() -> int:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     sft_key = digest([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed]
                      # another environment's start is another start (letter counting's keys stay)
-                     + ([to_dict(base.env)] if base.env.name != "letter_counting" else []))
+                     + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))
     eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,
                        args.eval_size])
     start_dir = Path(args.start_dir) / sft_key
@@ -249,9 +283,9 @@ def main() -> int:
             seconds, updates = time.perf_counter() - t1, []
             change = f"no GRPO: {extra} more SFT steps ({budget:.0f} s, the median GRPO arm's)"
         else:
-            updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets)
+            updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm])
         end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
-        kept[arm] = arm_result(change, sets, start, end, seconds, updates)
+        kept[arm] = arm_result(change, sets, start, end, seconds, updates, constant_answer_split(eval_set))
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}
         print(line(arm, kept[arm]), flush=True)
         write_result(stem, out, results_dir)

@@ -244,6 +244,29 @@ def test_sampled_change_pairs_each_items_right_samples():
     assert (s["rose"], s["fell"]) == (0, 6)
 
 
+
+def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
+    """Items where every asked letter occurs once are those a collapse onto the constant
+    answer gets right; the split reports them apart from the items that need counting, each
+    part with its own gained / lost and sampled rose / fell."""
+    from bench.rl_recipe import arm_result, constant_answer_split
+    records = [{"string": s, "letters": list(ls), "answer": {c: s.count(c) for c in ls}}
+               for s, ls in [("cat", "ca"), ("tree", "e"), ("dog", "d"), ("moon", "om")]]
+    split = constant_answer_split(records)
+    assert split == {"constant": [True, False, True, False], "counting": [False, True, False, True]}
+    items = lambda exact: [{"string": r["string"], "letters": r["letters"], "exact": e} for r, e in zip(records, exact)]
+    start = {"items": items([0, 1, 0, 0]), "sampled": {"k": 4, "per_item": [1, 3, 0, 2]}}
+    end = {"items": items([1, 0, 1, 0]), "sampled": {"k": 4, "per_item": [4, 1, 4, 2]}}
+    r = arm_result("c", [], start, end, 1.0, [], split)
+    assert (r["greedy"]["gained"], r["greedy"]["lost"]) == (2, 1)
+    const, counting = r["split"]["constant"], r["split"]["counting"]
+    assert (const["greedy"]["n"], const["greedy"]["gained"], const["greedy"]["lost"]) == (2, 2, 0)
+    assert (counting["greedy"]["n"], counting["greedy"]["gained"], counting["greedy"]["lost"]) == (2, 0, 1)
+    assert (const["sampled"]["before"], const["sampled"]["after"]) == (1 / 8, 8 / 8)
+    assert (counting["sampled"]["rose"], counting["sampled"]["fell"]) == (0, 1)
+    # another environment's records (no asked letters) are not split
+    assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None
+
 @pytest.mark.slow
 def test_gpu_session_dry_run_goes_end_to_end_and_writes_no_result(tmp_path):
     """bench/gpu_session.sh --dry-run: the smoke run through the flow, its export and the table,

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from picorl.envs.letter_counting import (TIERS, build_messages, grade, make_task, parse_answer,
+from picorl.envs.base import EnvError
+from picorl.envs.letter_counting import (TIERS, LetterCounting, build_messages, grade, make_task, parse_answer,
                                          score)
 
 
@@ -54,6 +55,59 @@ def test_uniform_letters_are_drawn_from_the_alphabet_not_the_string():
     asked = collections.Counter(c for _ in range(2000) for c in make_task(rng, 6, uniform_letters=True)["letters"])
     expected = sum(asked.values()) / 26
     assert len(asked) == 26 and all(0.85 * expected < v < 1.15 * expected for v in asked.values())
+
+
+def _kind(text: str, c: str) -> int:
+    return min(text.count(c), 2)  # 0 absent, 1 once, 2 more than once
+
+
+@pytest.mark.parametrize("word,kinds", [("overmodest", 3), ("dog", 2)])
+def test_balanced_letters_draw_each_kind_that_exists_equally_often(word, kinds):
+    # "overmodest" has all three kinds (e, o twice); "dog" has no repeated letter, so its
+    # first asked letter is absent or once with probability 1/2 each.
+    from picorl.envs.letter_counting import _balanced_letters
+    rng, n = random.Random(4), 3000
+    firsts = collections.Counter(_kind(word, _balanced_letters(rng, word, 3)[0]) for _ in range(n))
+    assert set(firsts) == set(range(kinds))
+    # each count is binomial(n, 1/kinds): 5 standard deviations either side
+    sd = (n * (1 / kinds) * (1 - 1 / kinds)) ** 0.5
+    assert all(abs(v - n / kinds) < 5 * sd for v in firsts.values()), firsts
+
+
+def test_balanced_letters_are_distinct_and_stay_within_the_kinds_left():
+    from picorl.envs.letter_counting import _balanced_letters
+    rng = random.Random(5)
+    for _ in range(300):
+        asked = _balanced_letters(rng, "overmodest", 12)  # more than the 8 present letters
+        assert len(set(asked)) == 12 and all(c.isascii() and c.islower() for c in asked)
+        # only 2 letters occur twice and 6 once: asking 12 takes every one of them at most once
+        assert sum(_kind("overmodest", c) == 2 for c in asked) <= 2
+
+
+def test_the_train_letters_option_changes_the_train_split_only():
+    balanced, leaning = LetterCounting(train_letters="balanced"), LetterCounting()
+    for split in ("eval", "fresh"):  # held-out and fresh items are the same whatever a run trains on
+        assert [balanced.make_record(random.Random(i), 3, split) for i in range(50)] == \
+            [leaning.make_record(random.Random(i), 3, split) for i in range(50)]
+    def all_ones(env):
+        rng = random.Random(6)
+        tasks = [env.make_record(rng, 3, "train") for _ in range(1000)]
+        return sum(set(t["answer"].values()) == {1} for t in tasks) / len(tasks)
+    # Under "balanced" a d3 task's answer is all ones with probability at most 0.4 x 1/2 + 0.6 x 1/4
+    # (one letter asked on 40%, two or three on 60%; a kind is drawn from at least two), 0.35.
+    # If a word has all three kinds it is 0.4 x 1/3 + 0.6 x (1/3 x 1/3 or less) = 0.2 or less.
+    assert all_ones(balanced) < all_ones(leaning)
+    assert all_ones(balanced) < 0.35
+
+
+def test_a_bad_train_letters_option_is_refused_by_name():
+    from picorl.envs import load_env
+    with pytest.raises(EnvError, match="train_letters must be one of leaning, balanced, uniform, got 'even'"):
+        load_env("letter_counting", {"train_letters": "even"})
+    with pytest.raises(EnvError, match="letter_counting.*colour"):
+        load_env("letter_counting", {"colour": "red"})
+    with pytest.raises(ValueError, match="letters must be one of"):
+        make_task(random.Random(0), 3, letters="even")
 
 
 def test_prompt_names_string_letters_and_format():

@@ -16,7 +16,7 @@ import random
 import string as _string
 from dataclasses import dataclass
 
-from picorl.envs.base import Environment, answer_body
+from picorl.envs.base import Environment, EnvError, answer_body
 
 # The 10 tiers of the reference system (ported from Atropos): tiers 1-5 count in English
 # words, 6-10 in random a-z strings. (min_len, max_len, p_multi, min_letters, max_letters, random_string)
@@ -72,13 +72,43 @@ def _pick_letters(rng: random.Random, text: str, n: int) -> list[str]:
     return chosen
 
 
-def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False) -> dict:
+def _balanced_letters(rng: random.Random, text: str, n: int) -> list[str]:
+    """n distinct letters whose counts spread evenly over absent, once and more than once.
+
+    Each letter first draws one of the three kinds that still has a letter left, uniformly,
+    then a letter of that kind. Under the leaning rule most asked letters occur exactly once
+    in a word (d3: the answer "1 for every letter" is right on 36% of tasks), so a policy
+    can score without counting; here no constant count is right on more than a third of
+    the letters. Worked example: "overmodest" has e and o twice, m r s t v d once; an ask of
+    two letters might draw kinds (twice, absent) and give ['o', 'q'] -> {'o': 2, 'q': 0}.
+    """
+    counts = {c: text.count(c) for c in _string.ascii_lowercase}
+    kinds = [[c for c, k in counts.items() if k == 0], [c for c, k in counts.items() if k == 1],
+             [c for c, k in counts.items() if k >= 2]]
+    chosen: list[str] = []
+    while len(chosen) < n:
+        kind = rng.choice([pool for pool in kinds if pool])
+        letter = rng.choice(kind)
+        kind.remove(letter)
+        chosen.append(letter)
+    return chosen
+
+
+# How a task's asked letters are drawn (see make_task).
+LETTER_RULES = ("leaning", "balanced", "uniform")
+
+
+def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False, letters: str = "leaning") -> dict:
     """One task at `difficulty`: {'difficulty', 'string', 'letters', 'answer'}.
 
-    Asked letters lean towards the string's own letters (as in the reference system), or with
-    `uniform_letters` are drawn uniformly from a-z: a check that a model counts rather than
-    leaning on how asked letters are usually chosen.
+    Asked letters (`letters`): "leaning" towards the string's own letters (as in the reference
+    system); "balanced" so that absent, once and more than once are equally likely (see
+    _balanced_letters); "uniform" from a-z (`uniform_letters=True` is the same), a check that a
+    model counts rather than leaning on how asked letters are usually chosen.
     """
+    if letters not in LETTER_RULES:
+        raise ValueError(f"letters must be one of {', '.join(LETTER_RULES)}, got {letters!r}")
+    rule = "uniform" if uniform_letters else letters
     lo, hi, p_multi, min_k, max_k, random_string = TIERS[check_difficulty(difficulty)]
     if random_string:
         text = "".join(rng.choice(_string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
@@ -87,9 +117,11 @@ def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False
     n = rng.randint(max(2, min_k), max_k) if rng.random() < p_multi else 1
     # Letters are distinct, so tiers 8-10 (up to 50 asked) are capped at the alphabet.
     n = min(n, len(_string.ascii_lowercase))
-    letters = rng.sample(_string.ascii_lowercase, n) if uniform_letters else _pick_letters(rng, text, n)
-    return {"difficulty": difficulty, "string": text, "letters": letters,
-            "answer": {c: text.count(c) for c in letters}}
+    pick = {"leaning": _pick_letters, "balanced": _balanced_letters,
+            "uniform": lambda rng_, _text, n_: rng_.sample(_string.ascii_lowercase, n_)}[rule]
+    asked = pick(rng, text, n)
+    return {"difficulty": difficulty, "string": text, "letters": asked,
+            "answer": {c: text.count(c) for c in asked}}
 
 
 def build_messages(text: str, letters: list[str]) -> list[dict]:
@@ -326,12 +358,21 @@ class LetterCounting(Environment):
              for d, (lo, hi, _, _, hi_k, rand) in TIERS.items()}
     demo_styles = STYLES
 
+    def __init__(self, train_letters: str = "leaning"):
+        # Only the train split (SFT and GRPO data) follows the option: the eval split keeps
+        # the leaning rule, so held-out items are the same whatever a run trains on.
+        if train_letters not in LETTER_RULES:
+            raise EnvError(f"env.options.train_letters must be one of {', '.join(LETTER_RULES)}, "
+                           f"got {train_letters!r}")
+        self.train_letters = train_letters
+
     def check_difficulty(self, difficulty):
         return check_difficulty(difficulty)
 
     def make_record(self, rng, difficulty, split):
         # fresh: asked letters uniform over a-z, a check that the model counts (see make_task)
-        return make_task(rng, difficulty, uniform_letters=split == "fresh")
+        rule = {"fresh": "uniform", "train": self.train_letters}.get(split, "leaning")
+        return make_task(rng, difficulty, letters=rule)
 
     def messages(self, record):
         return build_messages(record["string"], record["letters"])
