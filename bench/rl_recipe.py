@@ -78,6 +78,10 @@ ARMS = {
                  ["reward.kind=binary", "env.options.train_letters=balanced"]),
     "balanced_mid_lr": ("balanced prompts at a third of the learning rate (1e-4)",
                         ["reward.kind=binary", "env.options.train_letters=balanced", "grpo.lr=1e-4"]),
+    "mixed": ("binary, GRPO's prompts ask 2+ letters whose counts differ: no constant answer is right on any",
+              ["reward.kind=binary", "env.options.train_letters=mixed"]),
+    "mixed_mid_lr": ("mixed prompts at lr 1e-4: from a start that counts, no constant to drift to",
+                     ["reward.kind=binary", "env.options.train_letters=mixed", "grpo.lr=1e-4"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
@@ -147,13 +151,16 @@ def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: fl
 
 
 def constant_answer_split(records: list[dict]) -> dict[str, list[bool]] | None:
-    """Letter counting's eval items split by whether the constant answer (every asked letter
-    once) is right on them: a policy that collapses onto it gains the first part and loses
-    the second, so a gain that counts shows in "counting"."""
+    """Letter counting's eval items split by the constant answer that is right on them: every
+    asked letter once ("all_ones"), every one absent ("all_zeros"), or none ("counting"). A
+    policy that cannot count collapses onto the constant its training prompts pay most for,
+    gaining that part and losing the rest. A gain in "counting" is not yet a count: a fixed
+    pattern (all ones but a last 0) pays there too, so read the completions."""
     if not all(isinstance(r.get("answer"), dict) and "letters" in r for r in records):
         return None
-    constant = [set(r["answer"].values()) == {1} for r in records]
-    return {"constant": constant, "counting": [not c for c in constant]}
+    values = [set(r["answer"].values()) for r in records]
+    return {"all_ones": [v == {1} for v in values], "all_zeros": [v == {0} for v in values],
+            "counting": [v not in ({0}, {1}) for v in values]}
 
 
 def subset(measured: dict, mask: list[bool]) -> dict:

@@ -246,23 +246,25 @@ def test_sampled_change_pairs_each_items_right_samples():
 
 
 def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
-    """Items where every asked letter occurs once are those a collapse onto the constant
-    answer gets right; the split reports them apart from the items that need counting, each
-    part with its own gained / lost and sampled rose / fell."""
+    """Items where every asked letter occurs once, or none does, are those a collapse onto a
+    constant answer gets right; the split reports them apart from the items that need
+    counting, each part with its own gained / lost and sampled rose / fell."""
     from bench.rl_recipe import arm_result, constant_answer_split
     records = [{"string": s, "letters": list(ls), "answer": {c: s.count(c) for c in ls}}
-               for s, ls in [("cat", "ca"), ("tree", "e"), ("dog", "d"), ("moon", "om")]]
+               for s, ls in [("cat", "ca"), ("tree", "e"), ("dog", "d"), ("moon", "om"), ("sky", "xz")]]
     split = constant_answer_split(records)
-    assert split == {"constant": [True, False, True, False], "counting": [False, True, False, True]}
+    assert split == {"all_ones": [True, False, True, False, False], "all_zeros": [False, False, False, False, True],
+                     "counting": [False, True, False, True, False]}
     items = lambda exact: [{"string": r["string"], "letters": r["letters"], "exact": e} for r, e in zip(records, exact)]
-    start = {"items": items([0, 1, 0, 0]), "sampled": {"k": 4, "per_item": [1, 3, 0, 2]}}
-    end = {"items": items([1, 0, 1, 0]), "sampled": {"k": 4, "per_item": [4, 1, 4, 2]}}
+    start = {"items": items([0, 1, 0, 0, 1]), "sampled": {"k": 4, "per_item": [1, 3, 0, 2, 4]}}
+    end = {"items": items([1, 0, 1, 0, 1]), "sampled": {"k": 4, "per_item": [4, 1, 4, 2, 4]}}
     r = arm_result("c", [], start, end, 1.0, [], split)
     assert (r["greedy"]["gained"], r["greedy"]["lost"]) == (2, 1)
-    const, counting = r["split"]["constant"], r["split"]["counting"]
-    assert (const["greedy"]["n"], const["greedy"]["gained"], const["greedy"]["lost"]) == (2, 2, 0)
+    ones, zeros, counting = (r["split"][k] for k in ("all_ones", "all_zeros", "counting"))
+    assert (ones["greedy"]["n"], ones["greedy"]["gained"], ones["greedy"]["lost"]) == (2, 2, 0)
     assert (counting["greedy"]["n"], counting["greedy"]["gained"], counting["greedy"]["lost"]) == (2, 0, 1)
-    assert (const["sampled"]["before"], const["sampled"]["after"]) == (1 / 8, 8 / 8)
+    assert (zeros["greedy"]["n"], zeros["greedy"]["before"], zeros["greedy"]["after"]) == (1, 1.0, 1.0)
+    assert (ones["sampled"]["before"], ones["sampled"]["after"]) == (1 / 8, 8 / 8)
     assert (counting["sampled"]["rose"], counting["sampled"]["fell"]) == (0, 1)
     # another environment's records (no asked letters) are not split
     assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None

@@ -1,6 +1,7 @@
 import collections
 import json
 import random
+import string as _string
 import time
 
 import pytest
@@ -84,6 +85,23 @@ def test_balanced_letters_are_distinct_and_stay_within_the_kinds_left():
         assert sum(_kind("overmodest", c) == 2 for c in asked) <= 2
 
 
+def test_mixed_letters_leave_no_constant_answer_right():
+    from picorl.envs.letter_counting import _mixed_letters
+    rng = random.Random(7)
+    for word in ("dog", "overmodest", "aaaa", "abcdefghijklmnopqrstuvwxy"):
+        for n in (1, 2, 3, 26):
+            asked = _mixed_letters(rng, word, n)
+            # at least two letters, distinct, with at least two different counts
+            assert len(asked) == max(n, 2) == len(set(asked))
+            assert len({word.count(c) for c in asked}) > 1, (word, asked)
+    # each of the 26 letters once: no draw is mixed, so a balanced one comes back (no endless loop)
+    pangram = _string.ascii_lowercase
+    assert len(set(_mixed_letters(rng, pangram, 3))) == 3
+    env = LetterCounting(train_letters="mixed")
+    tasks = [env.make_record(rng, d, "train") for d in (1, 3, 5) for _ in range(200)]
+    assert all(len(set(t["answer"].values())) > 1 for t in tasks)
+
+
 def test_the_train_letters_option_changes_the_train_split_only():
     balanced, leaning = LetterCounting(train_letters="balanced"), LetterCounting()
     for split in ("eval", "fresh"):  # held-out and fresh items are the same whatever a run trains on
@@ -102,7 +120,7 @@ def test_the_train_letters_option_changes_the_train_split_only():
 
 def test_a_bad_train_letters_option_is_refused_by_name():
     from picorl.envs import load_env
-    with pytest.raises(EnvError, match="train_letters must be one of leaning, balanced, uniform, got 'even'"):
+    with pytest.raises(EnvError, match="train_letters must be one of leaning, balanced, mixed, uniform, got 'even'"):
         load_env("letter_counting", {"train_letters": "even"})
     with pytest.raises(EnvError, match="letter_counting.*colour"):
         load_env("letter_counting", {"colour": "red"})

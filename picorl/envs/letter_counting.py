@@ -94,8 +94,24 @@ def _balanced_letters(rng: random.Random, text: str, n: int) -> list[str]:
     return chosen
 
 
+def _mixed_letters(rng: random.Random, text: str, n: int) -> list[str]:
+    """Balanced letters (n >= 2) redrawn until their counts are not all equal: no constant
+    answer is right on the task. Balancing alone moves the shortcut rather than removing it
+    (a policy that cannot count finds the best constant, all zeros where all ones no longer
+    pays); here a right answer needs at least two different counts. A string whose 26
+    letters all share one count (each letter once) has no mixed draw: it gets a balanced one.
+    Worked example: "dog", two letters: ['d', 'x'] -> {'d': 1, 'x': 0} is kept,
+    ['d', 'g'] -> {'d': 1, 'g': 1} is drawn again."""
+    if len({text.count(c) for c in _string.ascii_lowercase}) == 1:
+        return _balanced_letters(rng, text, max(n, 2))
+    while True:  # any other string has two letters of different counts: a draw ends it
+        asked = _balanced_letters(rng, text, max(n, 2))
+        if len({text.count(c) for c in asked}) > 1:
+            return asked
+
+
 # How a task's asked letters are drawn (see make_task).
-LETTER_RULES = ("leaning", "balanced", "uniform")
+LETTER_RULES = ("leaning", "balanced", "mixed", "uniform")
 
 
 def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False, letters: str = "leaning") -> dict:
@@ -103,7 +119,8 @@ def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False
 
     Asked letters (`letters`): "leaning" towards the string's own letters (as in the reference
     system); "balanced" so that absent, once and more than once are equally likely (see
-    _balanced_letters); "uniform" from a-z (`uniform_letters=True` is the same), a check that a
+    _balanced_letters); "mixed", balanced with at least two letters whose counts differ, so
+    no constant answer is right (_mixed_letters); "uniform" from a-z (`uniform_letters=True` is the same), a check that a
     model counts rather than leaning on how asked letters are usually chosen.
     """
     if letters not in LETTER_RULES:
@@ -117,7 +134,7 @@ def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False
     n = rng.randint(max(2, min_k), max_k) if rng.random() < p_multi else 1
     # Letters are distinct, so tiers 8-10 (up to 50 asked) are capped at the alphabet.
     n = min(n, len(_string.ascii_lowercase))
-    pick = {"leaning": _pick_letters, "balanced": _balanced_letters,
+    pick = {"leaning": _pick_letters, "balanced": _balanced_letters, "mixed": _mixed_letters,
             "uniform": lambda rng_, _text, n_: rng_.sample(_string.ascii_lowercase, n_)}[rule]
     asked = pick(rng, text, n)
     return {"difficulty": difficulty, "string": text, "letters": asked,
