@@ -144,7 +144,7 @@ def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: fl
         out["sampled"] = sampled_change(start["sampled"], end["sampled"])
     if split:
         out["split"] = {name: arm_result(change, sets, subset(start, mask), subset(end, mask), seconds, [])
-                        for name, mask in split.items()}
+                        for name, mask in split.items() if any(mask)}  # a part with no items has no figures
         for part in out["split"].values():
             del part["change"], part["sets"], part["seconds"], part["end"], part["updates"]
     return out

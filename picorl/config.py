@@ -77,7 +77,7 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = knob("letter_counting", "The task: a built-in environment (letter_counting, arithmetic, jsonl) or package.module:Class for your own (picorl/envs/base.py).")
-    options: dict = knob({}, "Settings the environment takes (jsonl: path, match, ...); checked when it loads.")
+    options: dict = knob({}, "Settings the environment takes (jsonl: path, match, ...; letter_counting: train_letters); checked when it loads.")
 
 
 @dataclass

@@ -266,6 +266,9 @@ def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
     assert (zeros["greedy"]["n"], zeros["greedy"]["before"], zeros["greedy"]["after"]) == (1, 1.0, 1.0)
     assert (ones["sampled"]["before"], ones["sampled"]["after"]) == (1 / 8, 8 / 8)
     assert (counting["sampled"]["rose"], counting["sampled"]["fell"]) == (0, 1)
+    # a part with no items is left out (its means have no items to average)
+    assert list(arm_result("c", [], start, end, 1.0, [], {**split, "empty": [False] * 5})["split"]) == \
+        ["all_ones", "all_zeros", "counting"]
     # another environment's records (no asked letters) are not split
     assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None
 
