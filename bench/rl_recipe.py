@@ -136,17 +136,22 @@ def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[d
     return rows, time.perf_counter() - t0
 
 
-def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict],
-               split: dict[str, list[bool]] | None = None) -> dict:
-    out = {"change": change, "sets": sets, "seconds": round(seconds, 1),
-           "greedy": paired_change(start["items"], end["items"]), "end": end, "updates": updates}
+def paired_figures(start: dict, end: dict) -> dict:
+    """Greedy gained / lost and, where both were sampled, sampled rose / fell of two measure()
+    results of the same items."""
+    out = {"greedy": paired_change(start["items"], end["items"])}
     if "sampled" in start and "sampled" in end:  # an arm measured greedy only (--k 1) has no sampled pair
         out["sampled"] = sampled_change(start["sampled"], end["sampled"])
+    return out
+
+
+def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict],
+               split: dict[str, list[bool]] | None = None) -> dict:
+    out = {"change": change, "sets": sets, "seconds": round(seconds, 1), **paired_figures(start, end),
+           "end": end, "updates": updates}
     if split:
-        out["split"] = {name: arm_result(change, sets, subset(start, mask), subset(end, mask), seconds, [])
+        out["split"] = {name: paired_figures(subset(start, mask), subset(end, mask))
                         for name, mask in split.items() if any(mask)}  # a part with no items has no figures
-        for part in out["split"].values():
-            del part["change"], part["sets"], part["seconds"], part["end"], part["updates"]
     return out
 
 
@@ -212,6 +217,7 @@ def main() -> int:
         return 2
     env = env_of(base)
     eval_set = data.eval_records(args.eval_difficulty, args.eval_size, env=env)
+    eval_split = constant_answer_split(eval_set)
     # GRPO's prompts come from each arm's own environment (an arm may change how the train
     # split asks, e.g. env.options.train_letters); SFT and the eval set are the base config's.
     train_sets = {a: {d: data.train_records(d, c.data.train_size, seed=c.data.seed, env=env_of(c)) for d in env.tiers
@@ -292,7 +298,7 @@ def main() -> int:
         else:
             updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm])
         end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
-        kept[arm] = arm_result(change, sets, start, end, seconds, updates, constant_answer_split(eval_set))
+        kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split)
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}
         print(line(arm, kept[arm]), flush=True)
         write_result(stem, out, results_dir)

@@ -49,11 +49,11 @@ def test_target_letters_lean_towards_present_letters():
 
 def test_uniform_letters_are_drawn_from_the_alphabet_not_the_string():
     rng = random.Random(2)
-    tasks = [make_task(rng, 3, uniform_letters=True) for _ in range(500)]
+    tasks = [make_task(rng, 3, letters="uniform") for _ in range(500)]
     present = [c in t["string"] for t in tasks for c in t["letters"]]
     assert sum(present) / len(present) < 0.5  # leaning letters: 0.55-0.95 (above)
     rng = random.Random(3)
-    asked = collections.Counter(c for _ in range(2000) for c in make_task(rng, 6, uniform_letters=True)["letters"])
+    asked = collections.Counter(c for _ in range(2000) for c in make_task(rng, 6, letters="uniform")["letters"])
     expected = sum(asked.values()) / 26
     assert len(asked) == 26 and all(0.85 * expected < v < 1.15 * expected for v in asked.values())
 

@@ -114,18 +114,17 @@ def _mixed_letters(rng: random.Random, text: str, n: int) -> list[str]:
 LETTER_RULES = ("leaning", "balanced", "mixed", "uniform")
 
 
-def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False, letters: str = "leaning") -> dict:
+def make_task(rng: random.Random, difficulty: int, letters: str = "leaning") -> dict:
     """One task at `difficulty`: {'difficulty', 'string', 'letters', 'answer'}.
 
     Asked letters (`letters`): "leaning" towards the string's own letters (as in the reference
     system); "balanced" so that absent, once and more than once are equally likely (see
     _balanced_letters); "mixed", balanced with at least two letters whose counts differ, so
-    no constant answer is right (_mixed_letters); "uniform" from a-z (`uniform_letters=True` is the same), a check that a
-    model counts rather than leaning on how asked letters are usually chosen.
+    no constant answer is right (_mixed_letters); "uniform" from a-z, a check that a model
+    counts rather than leaning on how asked letters are usually chosen.
     """
     if letters not in LETTER_RULES:
         raise ValueError(f"letters must be one of {', '.join(LETTER_RULES)}, got {letters!r}")
-    rule = "uniform" if uniform_letters else letters
     lo, hi, p_multi, min_k, max_k, random_string = TIERS[check_difficulty(difficulty)]
     if random_string:
         text = "".join(rng.choice(_string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
@@ -135,7 +134,7 @@ def make_task(rng: random.Random, difficulty: int, uniform_letters: bool = False
     # Letters are distinct, so tiers 8-10 (up to 50 asked) are capped at the alphabet.
     n = min(n, len(_string.ascii_lowercase))
     pick = {"leaning": _pick_letters, "balanced": _balanced_letters, "mixed": _mixed_letters,
-            "uniform": lambda rng_, _text, n_: rng_.sample(_string.ascii_lowercase, n_)}[rule]
+            "uniform": lambda rng_, _text, n_: rng_.sample(_string.ascii_lowercase, n_)}[letters]
     asked = pick(rng, text, n)
     return {"difficulty": difficulty, "string": text, "letters": asked,
             "answer": {c: text.count(c) for c in asked}}
