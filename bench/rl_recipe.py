@@ -38,6 +38,7 @@ from picorl.checkpoint import load_trained_weights, trained_weights
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
+from picorl.envs.letter_counting import chain_counts, parse_answer
 from picorl.files import atomic_write_text
 from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records, sampled_figures
 from picorl.evaluate import sampled_change as evaluate_sampled_change
@@ -82,6 +83,10 @@ ARMS = {
               ["reward.kind=binary", "env.options.train_letters=mixed"]),
     "mixed_mid_lr": ("mixed prompts at lr 1e-4: from a start that counts, no constant to drift to",
                      ["reward.kind=binary", "env.options.train_letters=mixed", "grpo.lr=1e-4"]),
+    # Samples nearer the greedy answer: at temperature 1 a 135M model's samples score far
+    # below its greedy answer, so the groups' differences sit at tokens greedy never picks;
+    # at 0.7 they sit where the greedy choice is close, the decisions a greedy eval reads.
+    "cool": ("binary, rollouts sampled at temperature 0.7", ["reward.kind=binary", "rollout.temperature=0.7"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
@@ -146,9 +151,12 @@ def paired_figures(start: dict, end: dict) -> dict:
 
 
 def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: float, updates: list[dict],
-               split: dict[str, list[bool]] | None = None) -> dict:
+               split: dict[str, list[bool]] | None = None, records: list[dict] | None = None) -> dict:
     out = {"change": change, "sets": sets, "seconds": round(seconds, 1), **paired_figures(start, end),
            "end": end, "updates": updates}
+    before, after = (chain_figures(records, start["items"]), chain_figures(records, end["items"])) if records else (None, None)
+    if before and after:
+        out["chains"] = {"before": before, "after": after}
     if split:
         out["split"] = {name: paired_figures(subset(start, mask), subset(end, mask))
                         for name, mask in split.items() if any(mask)}  # a part with no items has no figures
@@ -166,6 +174,25 @@ def constant_answer_split(records: list[dict]) -> dict[str, list[bool]] | None:
     values = [set(r["answer"].values()) for r in records]
     return {"all_ones": [v == {1} for v in values], "all_zeros": [v == {0} for v in values],
             "counting": [v not in ({0}, {1}) for v in values]}
+
+
+def chain_figures(records: list[dict], items: list[dict]) -> dict | None:
+    """Where letter counting's greedy answers come from, read off their `cot` chains: of n
+    items, how many chains reached the true count of every asked letter (`tally_right`), how
+    many answers say what their chain counted (`answer_follows_chain`), and how many are
+    exactly right by doing both (`right_by_count`). A gain in exact answers that is not a
+    gain in right_by_count came from answers that ignore their own chain (a constant, or a
+    prior over answers), not from counting better. None outside letter counting."""
+    if not all(isinstance(r.get("answer"), dict) and "letters" in r for r in records):
+        return None
+    tally_right = follows = by_count = 0
+    for r, i in zip(records, items, strict=True):
+        chain = chain_counts(i["completion"], r["letters"])
+        answer = parse_answer(i["completion"], r["letters"]).counts
+        tally_right += chain == r["answer"]
+        follows += chain is not None and chain == answer
+        by_count += chain == r["answer"] == answer
+    return {"n": len(items), "tally_right": tally_right, "answer_follows_chain": follows, "right_by_count": by_count}
 
 
 def subset(measured: dict, mask: list[bool]) -> dict:
@@ -193,6 +220,11 @@ def line(name: str, r: dict) -> str:
                f"p={s['p_value']:.2g}), pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}" if s else "")
     parts = "".join(f"\n  {line(part, p)}" for part, p in r.get("split", {}).items())
     seconds = f"; {r['seconds']:.0f} s" if "seconds" in r else ""
+    if "chains" in r:
+        b, a = r["chains"]["before"], r["chains"]["after"]
+        sampled += (f"; right by counting {b['right_by_count']} -> {a['right_by_count']} (chain's tally right "
+                    f"{b['tally_right']} -> {a['tally_right']}, answer follows chain {b['answer_follows_chain']} -> "
+                    f"{a['answer_follows_chain']})")
     return (f"{name}: greedy {g['before']:.1%} -> {g['after']:.1%} on {g['n']} items (gained {g['gained']}, "
             f"lost {g['lost']}, p={g['p_value']:.2g}){sampled}{seconds}{parts}")
 
@@ -298,7 +330,7 @@ def main() -> int:
         else:
             updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm])
         end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
-        kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split)
+        kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split, eval_set)
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}
         print(line(arm, kept[arm]), flush=True)
         write_result(stem, out, results_dir)

@@ -272,6 +272,29 @@ def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
     # another environment's records (no asked letters) are not split
     assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None
 
+def test_chain_figures_tell_counting_from_answers_that_ignore_their_chain():
+    """An exact answer is right by counting only when the chain's own tally is right and the
+    answer says it; a constant answer that happens to be right, after a chain that counted
+    something else, is exact but not counted; so is a right chain whose answer differs."""
+    from bench.rl_recipe import arm_result, chain_figures
+    records = [{"string": s, "letters": list(ls), "answer": {c: s.count(c) for c in ls}}
+               for s, ls in [("moon", "om"), ("cat", "ca"), ("tree", "er"), ("sky", "s")]]
+    completions = ['<think>m1 o1 o2 n</think><answer>{"o": 2, "m": 1}</answer>',   # counted, said: right
+                   '<think>c1 a1 a2 t</think><answer>{"c": 1, "a": 1}</answer>',   # exact, chain says a: 2
+                   '<think>t r1 e1 e2</think><answer>{"e": 1, "r": 1}</answer>',   # chain right, answer not
+                   '<think>s1 k y s2 k y s3 k y']                                  # a loop: no answer, no chain
+    exact = [1, 1, 0, 0]
+    items = [{"completion": c, "exact": e} for c, e in zip(completions, exact)]
+    assert chain_figures(records, items) == {"n": 4, "tally_right": 2, "answer_follows_chain": 1, "right_by_count": 1}
+    start = {"items": [{"completion": "<answer>0</answer>", "exact": 0}] * 4}
+    r = arm_result("c", [], start, {"items": items}, 1.0, [], None, records)
+    assert r["chains"]["before"] == {"n": 4, "tally_right": 0, "answer_follows_chain": 0, "right_by_count": 0}
+    assert r["chains"]["after"]["right_by_count"] == 1
+    # other environments' records have no letters to count: no chain figures
+    assert chain_figures([{"prompt": "2+2", "answer": "4"}], [{"completion": "4"}]) is None
+    assert "chains" not in arm_result("c", [], start, {"items": items}, 1.0, [], None, [{"prompt": "p", "answer": "4"}] * 4)
+
+
 @pytest.mark.slow
 def test_gpu_session_dry_run_goes_end_to_end_and_writes_no_result(tmp_path):
     """bench/gpu_session.sh --dry-run: the smoke run through the flow, its export and the table,

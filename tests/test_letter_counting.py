@@ -7,8 +7,8 @@ import time
 import pytest
 
 from picorl.envs.base import EnvError
-from picorl.envs.letter_counting import (TIERS, LetterCounting, build_messages, grade, make_task, parse_answer,
-                                         score)
+from picorl.envs.letter_counting import (TIERS, LetterCounting, build_messages, chain_counts, cot_text,
+                                         cot_tokens_text, demonstration, grade, make_task, parse_answer, score)
 
 
 @pytest.mark.parametrize("difficulty", sorted(TIERS))
@@ -234,3 +234,31 @@ def test_hostile_completions_are_fast_and_never_raise(junk):
 
 def test_non_string_completion_scores_zero():
     assert score(None, ["a"], {"a": 1}) == 0.0
+
+
+def test_chain_counts_read_the_last_running_tag_of_each_asked_letter():
+    chain = "<think>o1 v e1 r m o2 d e2 s t</think>\n<answer>{\"e\": 1, \"o\": 2}</answer>"
+    assert chain_counts(chain, ["e", "o", "x"]) == {"e": 2, "o": 2, "x": 0}
+    # tags of letters not asked are not counts of the asked ones; the answer tag is not read
+    assert chain_counts("<think>a1 b1 a2</think><answer>7</answer>", ["b"]) == {"b": 1}
+    # no chain, or one that never closes (a loop cut at max_tokens): nothing was counted
+    assert chain_counts("<answer>{\"e\": 2}</answer>", ["e"]) is None
+    assert chain_counts("<think>o1 v e1 r m o2 d e2 s t o3 v e3", ["e"]) is None
+    assert chain_counts(None, ["e"]) is None
+    assert chain_counts("<think>e" + "9" * 5000 + "</think>", ["e"]) == {"e": 0}  # not a tag: never an int of 5000 digits
+
+
+@pytest.mark.parametrize("letters", ["leaning", "mixed"])
+def test_every_demonstration_chain_counts_the_true_answer(letters):
+    """The chains SFT teaches end on the true count of every asked letter, in both chain styles:
+    so a chain whose tally is wrong misspelt or miscounted, and an answer that differs from a
+    right chain did not say what was counted."""
+    rng = random.Random(3)
+    for difficulty in (1, 3, 5):
+        for _ in range(100):
+            t = make_task(rng, difficulty, letters)
+            assert chain_counts(cot_text(t["string"], t["letters"]), t["letters"]) == t["answer"]
+            pieces = [t["string"][i:i + 3] for i in range(0, len(t["string"]), 3)]  # any cut into tokens
+            assert chain_counts(cot_tokens_text(pieces, t["letters"]), t["letters"]) == t["answer"]
+            full = demonstration({**t}, "cot")
+            assert chain_counts(full, t["letters"]) == parse_answer(full, t["letters"]).counts == t["answer"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 import string as _string
 from dataclasses import dataclass
 
@@ -318,6 +319,29 @@ def _tallied(chars: str, counts: dict) -> list[str]:
 
 def cot_text(string: str, letters: list[str]) -> str:
     return "<think>" + " ".join(_tallied(string, dict.fromkeys(letters, 0))) + "</think>\n"
+
+
+_TALLY = re.compile(r"([a-z])(\d{1,9})")
+
+
+def chain_counts(completion: str, letters: list[str]) -> dict | None:
+    """The count a `cot` (or `cot_tokens`) chain reached for each asked letter: its last running
+    tag (`o2` -> 2), 0 for a letter it never tagged; None when the completion has no closed
+    <think> chain. Read beside the answer it shows whether a miss is in the counting (the
+    chain's tally is wrong) or in the answering (the answer does not say what the chain
+    counted). Worked example: "<think>o1 v e1 r m o2 d e2 s t</think>" for ['e', 'o', 'x']
+    -> {'e': 2, 'o': 2, 'x': 0}."""
+    if not isinstance(completion, str):
+        return None
+    start, end = completion.find("<think>"), completion.find("</think>")
+    if start < 0 or end < start:
+        return None
+    counts = dict.fromkeys(letters, 0)
+    for step in completion[start + len("<think>"):end].split():
+        tag = _TALLY.fullmatch(step)
+        if tag and tag.group(1) in counts:
+            counts[tag.group(1)] = int(tag.group(2))
+    return counts
 
 
 def string_tokens(tokenizer, string: str) -> list[str]:
