@@ -14,7 +14,10 @@ the pipeline reports), and sampled accuracy and pass@k at the rollout temperatur
 RL first sharpens the samples towards the greedy answer and the greedy eval moves only
 where samples beat it. The items gained and lost against the start and the sign test's p
 say whether a change is more than the 128-item noise. Per-update diagnostics (truncated,
-formatted, lengths of right and wrong completions) are kept per arm.
+formatted, lengths of right and wrong completions) are kept per arm. For letter counting
+each arm is also read off its `cot` chains (`chain_figures`): an exact answer is right by
+counting only when the chain's own tally is right and the answer says it, so a gain from a
+constant answer shows as exact up, counted flat or down.
 
 The result, bench/results/rl_recipe-<machine>-<config>.json, is written after every arm,
 so an interrupted run keeps what it finished; rerunning redoes only the arms asked for.
