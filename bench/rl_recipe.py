@@ -41,7 +41,7 @@ from picorl.checkpoint import load_trained_weights, trained_weights
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
-from picorl.envs.letter_counting import chain_counts, parse_answer
+from picorl.envs.letter_counting import chain_counts, parse_answer, spelling_reward
 from picorl.files import atomic_write_text
 from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records, sampled_figures
 from picorl.evaluate import sampled_change as evaluate_sampled_change
@@ -90,8 +90,27 @@ ARMS = {
     # below its greedy answer, so the groups' differences sit at tokens greedy never picks;
     # at 0.7 they sit where the greedy choice is close, the decisions a greedy eval reads.
     "cool": ("binary, rollouts sampled at temperature 0.7", ["reward.kind=binary", "rollout.temperature=0.7"]),
+    # A reward that reads the chain (letter counting's spelling_reward): half for the exact
+    # answer, half for how close the chain's spelling is to the string. The one arm whose
+    # reward is not a reward.kind (ARM_REWARDS); its sets keep the config's kind for the record.
+    "spelling": ("0.5 x exact + 0.5 x how close the chain spells the string", []),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
+
+# arm -> a reward function in place of the config's reward.kind: (completion, record, env) -> reward
+ARM_REWARDS = {"spelling": lambda text, record, env: spelling_reward(text, record)}
+
+
+def arm_reward(arm: str, env):
+    """The trainer's reward_fn for an arm of ARM_REWARDS (None: the config's reward.kind)."""
+    if arm not in ARM_REWARDS:
+        return None
+    reward_of = ARM_REWARDS[arm]
+
+    def reward(c, r: dict) -> tuple[float, bool, bool]:
+        g = env.grade(c.text, r)
+        return reward_of(c.text, r, env), g.exact, g.formatted
+    return reward
 
 
 def sampled_eval(engine, records: list[dict], k: int, temperature: float, max_tokens: int, seed: int,
@@ -123,11 +142,11 @@ def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
     return out
 
 
-def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]]) -> tuple[list[dict], float]:
+def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]], reward_fn=None) -> tuple[list[dict], float]:
     """cfg's stages from the model as it is (a fresh optimizer); per-update metrics and seconds."""
     engine = engine_for_config(cfg, model, tok, progress=False)
     engine.sync_weights(model)
-    trainer = GRPOTrainer(model, tok, engine, cfg)
+    trainer = GRPOTrainer(model, tok, engine, cfg, reward_fn=reward_fn)
     rows, t0 = [], time.perf_counter()
     for stage in cfg.stages:
         curriculum = Curriculum.for_stage(stage)
@@ -331,7 +350,8 @@ def main() -> int:
             seconds, updates = time.perf_counter() - t1, []
             change = f"no GRPO: {extra} more SFT steps ({budget:.0f} s, the median GRPO arm's)"
         else:
-            updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm])
+            updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm],
+                                        arm_reward(arm, env_of(arm_cfgs[arm])))
         end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
         kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split, eval_set)
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}

@@ -295,6 +295,21 @@ def test_chain_figures_tell_counting_from_answers_that_ignore_their_chain():
     assert "chains" not in arm_result("c", [], start, {"items": items}, 1.0, [], None, [{"prompt": "p", "answer": "4"}] * 4)
 
 
+def test_the_spelling_arm_trains_on_letter_counting_s_spelling_reward():
+    """An arm of ARM_REWARDS hands the trainer its own reward (exact and formatted still the
+    env's grade, for the per-update figures); every other arm keeps the config's reward.kind."""
+    from bench.rl_recipe import ARMS, arm_reward
+    from picorl.envs.letter_counting import LetterCounting
+    from picorl.rollout.base import Completion
+    env = LetterCounting()
+    record = {"string": "moon", "letters": ["o"], "answer": {"o": 2}}
+    reward = arm_reward("spelling", env)
+    assert reward(Completion("<think>m o1 n</think><answer>2</answer>", [], []), record) == \
+        (pytest.approx(0.5 + 0.5 * 6 / 7), True, True)
+    assert reward(Completion("<think>m o1 n</think>", [], []), record) == (0.0, False, False)
+    assert "spelling" in ARMS and arm_reward("binary", env) is None
+
+
 @pytest.mark.slow
 def test_gpu_session_dry_run_goes_end_to_end_and_writes_no_result(tmp_path):
     """bench/gpu_session.sh --dry-run: the smoke run through the flow, its export and the table,

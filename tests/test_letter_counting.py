@@ -7,8 +7,9 @@ import time
 import pytest
 
 from picorl.envs.base import EnvError
-from picorl.envs.letter_counting import (TIERS, LetterCounting, build_messages, chain_counts, cot_text,
-                                         cot_tokens_text, demonstration, grade, make_task, parse_answer, score)
+from picorl.envs.letter_counting import (TIERS, LetterCounting, build_messages, chain_counts, chain_spelling, cot_text,
+                                         cot_tokens_text, demonstration, grade, make_task, parse_answer, score,
+                                         spelling_reward)
 
 
 @pytest.mark.parametrize("difficulty", sorted(TIERS))
@@ -262,3 +263,28 @@ def test_every_demonstration_chain_counts_the_true_answer(letters):
             assert chain_counts(cot_tokens_text(pieces, t["letters"]), t["letters"]) == t["answer"]
             full = demonstration({**t}, "cot")
             assert chain_counts(full, t["letters"]) == parse_answer(full, t["letters"]).counts == t["answer"]
+
+
+def test_chain_spelling_reads_one_letter_a_step():
+    assert chain_spelling("<think>o1 v e1 r m o2 d e2 s t</think><answer>2</answer>") == "overmodest"
+    # a step that is not one letter (a word written whole, a stray token) is not a letter spelt
+    assert chain_spelling("<think>o1 v ermodest</think>") == "ov?"
+    assert chain_spelling("<think>o1 v e1 r") is None and chain_spelling(None) is None
+
+
+def test_spelling_reward_pays_the_answer_and_the_spelling_half_each():
+    """The worked example of the docstring, and its edges: a right answer after a right chain
+    is 1; an unformatted answer is 0 however well spelt; a right answer with no chain is 0.5."""
+    r = {"string": "moon", "letters": ["o"], "answer": {"o": 2}}
+    assert spelling_reward("<think>m o1 o2 n</think>\n<answer>2</answer>", r) == 1.0
+    # "mon" against "moon": difflib's ratio 2 x 3 matched / 7 characters = 6/7
+    assert spelling_reward("<think>m o1 n</think><answer>1</answer>", r) == pytest.approx(0.5 * 6 / 7)
+    assert spelling_reward("<think>m o1 n</think><answer>2</answer>", r) == pytest.approx(0.5 + 0.5 * 6 / 7)
+    assert spelling_reward("<think>m o1 o2 n</think>", r) == 0.0
+    assert spelling_reward("<answer>2</answer>", r) == 0.5
+    assert spelling_reward("<think>moon</think><answer>2</answer>", r) == 0.5  # the word whole: "?" spells nothing
+    # every demonstration earns the most there is
+    rng = random.Random(5)
+    for _ in range(100):
+        t = make_task(rng, 3)
+        assert spelling_reward(demonstration(t, "cot"), t) == 1.0

@@ -10,6 +10,7 @@ The parsing rule below is the only one: training rewards and evaluation both use
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import random
@@ -322,6 +323,17 @@ def cot_text(string: str, letters: list[str]) -> str:
 
 
 _TALLY = re.compile(r"([a-z])(\d{1,9})")
+_STEP = re.compile(r"[a-z]\d{0,9}")
+
+
+def _chain_steps(completion: str) -> list[str] | None:
+    """The whitespace-separated steps of a completion's closed <think> chain, or None."""
+    if not isinstance(completion, str):
+        return None
+    start, end = completion.find("<think>"), completion.find("</think>")
+    if start < 0 or end < start:
+        return None
+    return completion[start + len("<think>"):end].split()
 
 
 def chain_counts(completion: str, letters: list[str]) -> dict | None:
@@ -331,17 +343,39 @@ def chain_counts(completion: str, letters: list[str]) -> dict | None:
     chain's tally is wrong) or in the answering (the answer does not say what the chain
     counted). Worked example: "<think>o1 v e1 r m o2 d e2 s t</think>" for ['e', 'o', 'x']
     -> {'e': 2, 'o': 2, 'x': 0}."""
-    if not isinstance(completion, str):
-        return None
-    start, end = completion.find("<think>"), completion.find("</think>")
-    if start < 0 or end < start:
+    steps = _chain_steps(completion)
+    if steps is None:
         return None
     counts = dict.fromkeys(letters, 0)
-    for step in completion[start + len("<think>"):end].split():
+    for step in steps:
         tag = _TALLY.fullmatch(step)
         if tag and tag.group(1) in counts:
             counts[tag.group(1)] = int(tag.group(2))
     return counts
+
+
+def chain_spelling(completion: str) -> str | None:
+    """The string a `cot` chain spelled, one character a step (tags dropped: "o1" -> "o"); a
+    step that is not one letter with an optional tag reads as "?", so a chain that writes
+    the word whole has not spelled it. None when there is no closed <think> chain."""
+    steps = _chain_steps(completion)
+    return None if steps is None else "".join(step[0] if _STEP.fullmatch(step) else "?" for step in steps)
+
+
+def spelling_reward(completion: str, record: dict) -> float:
+    """A reward that reads the chain as well as the answer: 0.5 for an exactly right answer
+    plus 0.5 x how close the chain's spelling is to the string (difflib's ratio, 1 when
+    equal); 0 when the answer is unformatted. The misses of a model that tallies are
+    misspellings, which the binary reward pays whenever they miss the asked letters; here
+    every letter spelt counts. Worked example, "moon" asked o: "<think>m o1 o2 n</think>
+    <answer>2</answer>" -> 1.0; "<think>m o1 n</think><answer>1</answer>" -> 0.5 x 6/7 =
+    0.43; the same chain answering 2 -> 0.93."""
+    parsed = parse_answer(completion, record["letters"])
+    if not parsed.formatted:
+        return 0.0
+    spelled = chain_spelling(completion) or ""
+    closeness = difflib.SequenceMatcher(None, spelled, record["string"], autojunk=False).ratio()
+    return 0.5 * float(parsed.counts == record["answer"]) + 0.5 * closeness
 
 
 def string_tokens(tokenizer, string: str) -> list[str]:
