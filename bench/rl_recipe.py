@@ -97,8 +97,8 @@ ARMS = {
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
-# arm -> a reward function in place of the config's reward.kind: (completion, record, env) -> reward
-ARM_REWARDS = {"spelling": lambda text, record, env: spelling_reward(text, record)}
+# arm -> a reward function in place of the config's reward.kind: (completion text, record) -> reward
+ARM_REWARDS = {"spelling": spelling_reward}
 
 
 def arm_reward(arm: str, env):
@@ -109,7 +109,7 @@ def arm_reward(arm: str, env):
 
     def reward(c, r: dict) -> tuple[float, bool, bool]:
         g = env.grade(c.text, r)
-        return reward_of(c.text, r, env), g.exact, g.formatted
+        return reward_of(c.text, r), g.exact, g.formatted
     return reward
 
 
@@ -176,13 +176,17 @@ def arm_result(change: str, sets: list[str], start: dict, end: dict, seconds: fl
                split: dict[str, list[bool]] | None = None, records: list[dict] | None = None) -> dict:
     out = {"change": change, "sets": sets, "seconds": round(seconds, 1), **paired_figures(start, end),
            "end": end, "updates": updates}
-    before, after = (chain_figures(records, start["items"]), chain_figures(records, end["items"])) if records else (None, None)
-    if before and after:
-        out["chains"] = {"before": before, "after": after}
+    if records and (before := chain_figures(records, start["items"])):
+        out["chains"] = {"before": before, "after": chain_figures(records, end["items"])}
     if split:
         out["split"] = {name: paired_figures(subset(start, mask), subset(end, mask))
                         for name, mask in split.items() if any(mask)}  # a part with no items has no figures
     return out
+
+
+def asks_letters(records: list[dict]) -> bool:
+    """Whether every record is a letter-counting task (asked letters, a count for each)."""
+    return all(isinstance(r.get("answer"), dict) and "letters" in r for r in records)
 
 
 def constant_answer_split(records: list[dict]) -> dict[str, list[bool]] | None:
@@ -191,7 +195,7 @@ def constant_answer_split(records: list[dict]) -> dict[str, list[bool]] | None:
     policy that cannot count collapses onto the constant its training prompts pay most for,
     gaining that part and losing the rest. A gain in "counting" is not yet a count: a fixed
     pattern (all ones but a last 0) pays there too, so read the completions."""
-    if not all(isinstance(r.get("answer"), dict) and "letters" in r for r in records):
+    if not asks_letters(records):
         return None
     values = [set(r["answer"].values()) for r in records]
     return {"all_ones": [v == {1} for v in values], "all_zeros": [v == {0} for v in values],
@@ -205,7 +209,7 @@ def chain_figures(records: list[dict], items: list[dict]) -> dict | None:
     exactly right by doing both (`right_by_count`). A gain in exact answers that is not a
     gain in right_by_count came from answers that ignore their own chain (a constant, or a
     prior over answers), not from counting better. None outside letter counting."""
-    if not all(isinstance(r.get("answer"), dict) and "letters" in r for r in records):
+    if not asks_letters(records):
         return None
     tally_right = follows = by_count = 0
     for r, i in zip(records, items, strict=True):

@@ -272,6 +272,7 @@ def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
     # another environment's records (no asked letters) are not split
     assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None
 
+
 def test_chain_figures_tell_counting_from_answers_that_ignore_their_chain():
     """An exact answer is right by counting only when the chain's own tally is right and the
     answer says it; a constant answer that happens to be right, after a chain that counted
