@@ -41,7 +41,7 @@ from picorl.checkpoint import load_trained_weights, trained_weights
 from picorl.config import ConfigError, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
-from picorl.envs.letter_counting import chain_counts, parse_answer, spelling_reward
+from picorl.envs.letter_counting import LetterCounting, chain_counts, spelling_reward
 from picorl.files import atomic_write_text
 from picorl.evaluate import SAMPLED, evaluate_records, paired_change, sample_records, sampled_figures
 from picorl.evaluate import sampled_change as evaluate_sampled_change
@@ -211,13 +211,12 @@ def chain_figures(records: list[dict], items: list[dict]) -> dict | None:
     prior over answers), not from counting better. None outside letter counting."""
     if not asks_letters(records):
         return None
+    env = LetterCounting()
     tally_right = follows = by_count = 0
     for r, i in zip(records, items, strict=True):
-        chain = chain_counts(i["completion"], r["letters"])
-        answer = parse_answer(i["completion"], r["letters"]).counts
-        tally_right += chain == r["answer"]
-        follows += chain is not None and chain == answer
-        by_count += chain == r["answer"] == answer
+        tally_right += chain_counts(i["completion"], r["letters"]) == r["answer"]
+        follows += (f := env.follows_working(i["completion"], r))
+        by_count += f and env.grade(i["completion"], r).exact  # what evals count as `reasoned`
     return {"n": len(items), "tally_right": tally_right, "answer_follows_chain": follows, "right_by_count": by_count}
 
 

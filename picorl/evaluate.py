@@ -30,30 +30,38 @@ from picorl.session import build_engine
 GRADE_FIELDS = ("completion", "prediction", "exact", "partial", "formatted")
 # With samples: the fraction of the item's samples (at the rollout temperature) exactly right.
 SAMPLED = "sampled"
+# Where the environment reads working (Environment.follows_working): 1 when the answer is exact
+# and is what its own chain derived. Letter counting: "<think>b a1 n a2 a3</think>" answering
+# {"a": 3} for "banaa" is reasoned; the same answer after a chain that tallied a2 is exact only.
+REASONED = "reasoned"
 
 
 def item_fields(items: list[dict]) -> list[str]:
     """The fields of eval items that their tables keep (the export's JSONL, MLflow's table): the
     record's fields as the environment wrote them (letter counting: difficulty, string, letters,
-    answer), then GRADE_FIELDS (and SAMPLED when the eval sampled)."""
+    answer), then GRADE_FIELDS (then REASONED where the environment reads working, SAMPLED
+    when the eval sampled)."""
     if not items:
         return list(GRADE_FIELDS)
-    return list(item_of(items[0])) + list(GRADE_FIELDS) + ([SAMPLED] if SAMPLED in items[0] else [])
+    return list(item_of(items[0])) + list(GRADE_FIELDS) + [f for f in (REASONED, SAMPLED) if f in items[0]]
 
 
 def item_of(item: dict) -> dict:
     """An eval item's record fields alone: what makes two evals' items the same item."""
-    return {k: v for k, v in item.items() if k not in GRADE_FIELDS and k not in (SAMPLED, "messages")}
+    return {k: v for k, v in item.items() if k not in GRADE_FIELDS and k not in (REASONED, SAMPLED, "messages")}
 
 
 def summarise(items: list[dict]) -> dict:
-    """Means over the items; with samples also `sampled` (the mean fraction of samples right)
-    and `pass_at_k` (the fraction of items with at least one right sample)."""
+    """Means over the items; `reasoned` where the environment reads working; with samples also
+    `sampled` (the mean fraction of samples right) and `pass_at_k` (the fraction of items with
+    at least one right sample)."""
     n = len(items)
     out = {"exact": sum(i["exact"] for i in items) / n if n else 0.0,
            "partial": sum(i["partial"] for i in items) / n if n else 0.0,
            "formatted": sum(i["formatted"] for i in items) / n if n else 0.0,
            "n": n}
+    if n and all(REASONED in i for i in items):
+        out["reasoned"] = sum(i[REASONED] for i in items) / n
     if n and all(SAMPLED in i for i in items):
         out.update(sampled_figures([i[SAMPLED] for i in items]))
     return out
@@ -95,8 +103,11 @@ def evaluate_records(model, tokenizer, records: list[dict], *, max_tokens: int =
                              Sampling(temperature=0.0, max_tokens=max_tokens))
     items = []
     for r, (c,) in zip(records, groups):
-        items.append({**{k: v for k, v in r.items() if k != "messages"}, "completion": c.text,
-                      **env.grade(c.text, r).as_item()})
+        item = {**{k: v for k, v in r.items() if k != "messages"}, "completion": c.text,
+                **env.grade(c.text, r).as_item()}
+        if (follows := env.follows_working(c.text, r)) is not None:
+            item[REASONED] = float(bool(item["exact"]) and follows)
+        items.append(item)
     if samples:
         fractions = sample_records(sampling_engine or engine, records, samples, temperature=temperature,
                                    max_tokens=max_tokens, seed=seed, env=env)
@@ -160,9 +171,23 @@ def paired_change(before: list[dict], after: list[dict]) -> dict:
     out = {"n": n, "before": sum(b["exact"] for b in before) / n if n else 0.0,
            "after": sum(a["exact"] for a in after) / n if n else 0.0,
            "gained": gained, "lost": lost, "p_value": sign_test(gained, lost)}
+    if n and all(REASONED in i for i in before + after):
+        out["reasoned"] = reasoned_change(before, after)
     if n and all(SAMPLED in i for i in before + after):
         out["sampled"] = sampled_change(before, after)
     return out
+
+
+def reasoned_change(before: list[dict], after: list[dict]) -> dict:
+    """The reasoned fraction before -> after on the same items (matched as paired_change matches
+    them), the items that became and stopped being reasoned, and the sign test of that pair.
+    Beside the exact change it says whether GRPO's gain was in answers that follow their working:
+    exact 25% -> 35% while reasoned 14% -> 4% is a model that learnt to guess."""
+    gained = sum(1 for b, a in zip(before, after) if a[REASONED] > b[REASONED])
+    lost = sum(1 for b, a in zip(before, after) if a[REASONED] < b[REASONED])
+    n = len(before)
+    return {"before": sum(i[REASONED] for i in before) / n, "after": sum(i[REASONED] for i in after) / n,
+            "gained": gained, "lost": lost, "p_value": sign_test(gained, lost)}
 
 
 def sampled_change(before: list[dict], after: list[dict]) -> dict:

@@ -3,7 +3,8 @@
 An eval row's metrics are named `eval/<kind>_d<difficulty>`: `eval/acc_d3` is the exact
 accuracy of the greedy eval at difficulty (tier) 3, `eval/partial_d3` the mean fraction right
 (the environment's partial credit: letters counted right, digits in place), `eval/format_d3` the fraction of answers in the asked format;
-with eval.samples, `eval/sampled_d3` the mean fraction of samples exactly right and
+where the environment reads working, `eval/reasoned_d3` the fraction exactly right with the
+answer its own chain derived (picorl.evaluate.REASONED); with eval.samples, `eval/sampled_d3` the mean fraction of samples exactly right and
 `eval/pass_d3` pass@k. MLflow, the report and the benchmarks all read these names, so they
 are spelled here only.
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 import re
 
 # kind in a metric name -> the key of an eval summary (picorl.evaluate.summarise)
-EVAL_KINDS = {"acc": "exact", "partial": "partial", "format": "formatted", "sampled": "sampled", "pass": "pass_at_k"}
-_EVAL = re.compile(r"^eval/(acc|partial|format|sampled|pass)_d(\d+)$")
+EVAL_KINDS = {"acc": "exact", "partial": "partial", "format": "formatted", "reasoned": "reasoned",
+              "sampled": "sampled", "pass": "pass_at_k"}
+_EVAL = re.compile(r"^eval/(acc|partial|format|reasoned|sampled|pass)_d(\d+)$")
 
 
 def eval_metric(kind: str, difficulty) -> str:

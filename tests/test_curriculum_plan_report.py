@@ -159,6 +159,27 @@ def test_gain_line_adds_the_sampled_pair_when_the_evals_sampled(tmp_path):
                     "p = 1); sampled 25.0% -> 37.5% (rose on 2, fell on 1; p = 1), pass@4 75.0% -> 75.0%")
 
 
+def test_gain_line_adds_the_reasoned_pair_where_the_env_reads_working(tmp_path):
+    """Letter counting's evals say which exact answers are what their own chain counted; the
+    line pairs that fraction item by item, so a gain made of guesses shows as one."""
+    import json
+
+    from picorl.report import gain_line
+    from picorl.run_folder import RunFolder
+    from picorl.run_records import grpo_gains
+    run = RunFolder(tmp_path)
+    words = ["ab", "ba", "aa", "bb"]
+    first = [{"difficulty": 3, "string": w, "letters": ["a"], "exact": e, "reasoned": r} for w, e, r in
+             zip(words, [1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0])]
+    last = [{**i, "exact": e, "reasoned": r} for i, e, r in zip(first, [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0])]
+    run.eval_file(0).parent.mkdir(parents=True)
+    for step, its in ((0, first), (4, last)):
+        run.eval_file(step).write_text(json.dumps({"step": step, "by_difficulty": {"3": {"exact": 0}}, "items": its}))
+    line = gain_line("3", grpo_gains(tmp_path)["3"])
+    assert line == ("d3 exact after SFT 25.0% -> after GRPO 75.0% on 4 held-out items (gained 2, lost 0; sign test "
+                    "p = 0.5); reasoned 25.0% -> 25.0% (gained 1, lost 1; p = 1)")
+
+
 def test_eval_metric_names_are_built_and_read_back_in_one_place():
     from picorl.metrics import eval_difficulties, eval_metric, eval_metrics, parse_eval_metric
     m = eval_metrics({"3": {"exact": 0.5, "partial": 0.75, "formatted": 1.0, "n": 4}, 10: {"exact": 0.1, "partial": 0.2,

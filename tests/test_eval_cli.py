@@ -37,13 +37,15 @@ def test_eval_on_embedded_model_end_to_end(tmp_path):
     r = run_cli("eval", "--data", str(p), "--out", str(out), "--max-tokens", "24", "--batch-size", "3")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"exact", "partial", "formatted", "n"} and summary["n"] == 6
+    # letter counting reads the working, so the summary carries `reasoned` beside `exact`
+    assert set(summary) == {"exact", "partial", "formatted", "reasoned", "n"} and summary["n"] == 6
     items = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(items) == 6
     for s, i in zip(src, items):
         assert {k: i[k] for k in s} == s and isinstance(i["completion"], str) and i["completion"]
         assert "prediction" in i and i["exact"] in (0.0, 1.0)
     assert summary["exact"] == sum(i["exact"] for i in items) / 6
+    assert summary["reasoned"] == sum(i["reasoned"] for i in items) / 6 <= summary["exact"]
 
 
 def write_records(tmp_path, records, name="in.jsonl"):
@@ -121,7 +123,7 @@ def test_eval_samples_beside_greedy(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append((json.loads(r.stdout.strip().splitlines()[-1]), data.read_jsonl(out)))
     (g_sum, greedy), (s_sum, sampled), (_, again) = outs
-    assert set(g_sum) == {"exact", "partial", "formatted", "n"}
+    assert set(g_sum) == {"exact", "partial", "formatted", "reasoned", "n"}
     assert set(s_sum) == set(g_sum) | {"sampled", "pass_at_k"}
     assert [i["completion"] for i in sampled] == [i["completion"] for i in greedy]
     assert all(i["sampled"] in (0.0, 1 / 3, 2 / 3, 1.0) for i in sampled)

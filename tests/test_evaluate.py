@@ -108,3 +108,41 @@ def test_sampled_eval_grades_every_seeded_sample_of_every_record(tiny_model, tok
     torch.manual_seed(123)
     evaluate_records(tiny_model, tokenizer, records, samples=3, **kw)
     assert torch.equal(torch.rand(3), expected_next)
+
+
+# ---------------------------------------------------------------- reasoned: right by its own working
+
+def test_letter_counting_reads_whether_an_answer_follows_its_chain():
+    env, rec = LetterCounting(), {"string": "banana", "letters": ["a", "n"], "answer": {"a": 3, "n": 2}}
+    chain = "<think>b a1 n1 a2 n2 a3</think>\n"
+    assert env.follows_working(chain + '<answer>{"a": 3, "n": 2}</answer>', rec) is True
+    # an answer that differs from its chain, right or wrong, does not follow it
+    assert env.follows_working("<think>b a1 n1 a2 n2 a2</think>\n" + '<answer>{"a": 3, "n": 2}</answer>', rec) is False
+    # no closed chain (none written, or a loop cut at max_tokens): no working to follow
+    assert env.follows_working('<answer>{"a": 3, "n": 2}</answer>', rec) is False
+    assert env.follows_working("<think>b a1 n1 a2 n2 a3 b a4", rec) is False
+    # the base interface reads no working: evals then leave `reasoned` out
+    from picorl.envs.arithmetic import Arithmetic
+    assert Arithmetic().follows_working("<answer>4</answer>", {"difficulty": 1}) is None
+
+
+def reasoned_item(s, exact, reasoned):
+    return {**item(s, exact), "reasoned": reasoned}
+
+
+def test_reasoned_is_summarised_and_paired_beside_exact():
+    # exact rises 1 -> 3 of 4, but reasoned falls 1 -> 0: the new answers ignore their chains
+    before = [reasoned_item("a", 1.0, 1.0), reasoned_item("b", 0.0, 0.0), reasoned_item("c", 0.0, 0.0),
+              reasoned_item("d", 0.0, 0.0)]
+    after = [reasoned_item("a", 1.0, 0.0), reasoned_item("b", 1.0, 0.0), reasoned_item("c", 1.0, 0.0),
+             reasoned_item("d", 0.0, 0.0)]
+    got = paired_change(before, after)
+    assert (got["gained"], got["lost"]) == (2, 0)
+    assert got["reasoned"] == {"before": 0.25, "after": 0.0, "gained": 0, "lost": 1, "p_value": 1.0}
+    s = summarise([{**i, "partial": i["exact"], "formatted": 1.0} for i in before])
+    assert s["reasoned"] == 0.25 and eval_metrics({3: s})["eval/reasoned_d3"] == 0.25
+    assert parse_eval_metric("eval/reasoned_d3") == ("reasoned", 3)
+    assert item_fields(after)[-1] == "reasoned"
+    # only where both evals read working
+    assert "reasoned" not in paired_change(before, [item(i["string"], i["exact"]) for i in after])
+    assert "reasoned" not in summarise([{**item("a", 1.0), "partial": 1.0, "formatted": 1.0}])

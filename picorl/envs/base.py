@@ -142,6 +142,14 @@ class Environment(abc.ABC):
         """The assistant's SFT target for a record in `style` (one of demo_styles)."""
         raise EnvError(f"env {self.name} offers no SFT demonstrations: set sft.enabled=false")
 
+    def follows_working(self, completion: str, record: dict) -> bool | None:
+        """Whether a completion's answer is what its own working (its chain of thought, read
+        step by step) derives; None when the environment does not read working (the default).
+        Evals count an exact answer that also follows its working as `reasoned`: an exact
+        figure that rises while `reasoned` does not came from answers that ignore their own
+        working (a constant, a prior over answers), not from solving more items."""
+        return None
+
     def key(self, record: dict) -> str:
         """What makes two records the same item (eval items are kept out of training by it)."""
         return json.dumps(self.messages(record), sort_keys=True)

@@ -460,6 +460,11 @@ class LetterCounting(Environment):
     def demonstration(self, record, style, tokenizer=None):
         return demonstration(record, style, tokenizer)
 
+    def follows_working(self, completion, record):
+        # a chain counts; the answer should say what it counted (no closed chain: no working)
+        chain = chain_counts(completion, record["letters"])
+        return chain is not None and chain == self.parse(completion, record)
+
     def key(self, record):
         return record["string"]  # an eval string is never trained on, whichever letters are asked
 
