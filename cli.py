@@ -235,7 +235,19 @@ def local_prefect_server():
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        send_pending_prefect_records()
         server.stop()
+
+
+def send_pending_prefect_records(timeout: float = 10.0) -> None:
+    """Hand Prefect's batched logs and events to the server while it still listens: left to
+    Prefect's exit hook they go out after the temporary server has stopped, and every
+    finished run ends in "Error logging to API: All connection attempts failed"."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 class Terminated(KeyboardInterrupt):

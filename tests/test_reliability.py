@@ -183,6 +183,8 @@ def test_two_runs_at_once_stay_apart(tmp_path):
             assert p.wait(600) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
         finally:
             kill_session(p)
+        # Prefect's batched logs reach the temporary server before it stops, not after
+        assert "Error logging to API" not in (tmp_path / f"run{i}.log").read_text()
     from mlflow.tracking import MlflowClient
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
     parents = c.search_runs([c.get_experiment_by_name("picorl").experiment_id],
