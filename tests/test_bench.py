@@ -273,6 +273,24 @@ def test_arm_result_splits_letter_counting_items_by_the_constant_answer():
     assert constant_answer_split([{"prompt": "2+2", "answer": "4"}]) is None
 
 
+def test_greedy_change_is_split_by_the_start_s_right_samples():
+    """Each item lands in the row of its count of right samples at the start (0..k); a row
+    counts its greedy-wrong items and those gained, its greedy-right items and those lost, so
+    the rows add up to the arm's gained / lost. Greedy-only arms (no samples) have no rows."""
+    from bench.rl_recipe import arm_result, greedy_by_samples
+    items = lambda exact: [{"exact": e} for e in exact]
+    start = {"items": items([0, 0, 1, 0, 1, 1]), "sampled": {"k": 2, "per_item": [0, 1, 1, 1, 2, 0]}}
+    end = {"items": items([0, 1, 0, 1, 1, 1])}
+    rows = greedy_by_samples(start, end)
+    assert rows == [{"right_samples": 0, "wrong": 1, "gained": 0, "right": 1, "lost": 0},
+                    {"right_samples": 1, "wrong": 2, "gained": 2, "right": 1, "lost": 1},
+                    {"right_samples": 2, "wrong": 0, "gained": 0, "right": 1, "lost": 0}]
+    r = arm_result("c", [], start, end, 1.0, [])
+    assert r["greedy_by_samples"] == rows
+    assert (sum(b["gained"] for b in rows), sum(b["lost"] for b in rows)) == (r["greedy"]["gained"], r["greedy"]["lost"])
+    assert "greedy_by_samples" not in arm_result("c", [], {"items": start["items"]}, end, 1.0, [])
+
+
 def test_chain_figures_tell_counting_from_answers_that_ignore_their_chain():
     """An exact answer is right by counting only when the chain's own tally is right and the
     answer says it; a constant answer that happens to be right, after a chain that counted
