@@ -28,14 +28,11 @@ def test_the_readme_s_config_is_what_make_train_runs():
     """Every value the README's one-screen config shows is configs/default.yaml's, so a
     recipe change that leaves the README behind fails here; it may leave keys out."""
     import yaml
+
+    from picorl.config import flatten
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## A config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            yield from (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])
-
-    shown = dict(flat(yaml.safe_load(block)))
-    default = dict(flat(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())))
+    shown = flatten(yaml.safe_load(block))
+    default = flatten(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))
     assert len(shown) >= 20
     assert {k: v for k, v in shown.items() if default.get(k, "absent") != v} == {}
