@@ -76,6 +76,8 @@ ARMS = {
     # The k3 KL to the policy GRPO starts from (the SFT adapter, grpo.kl_reference=start):
     # every sample, zero-variance groups included, is pulled back towards SFT's distribution,
     # against the collapse of all samples onto one constant answer.
+    "greedy_member": ("binary at 1e-4, each task's greedy answer a member of its group: pushed down where a sample beats it",
+                      ["reward.kind=binary", "grpo.lr=1e-4", "grpo.greedy_member=true"]),
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
     "balanced": ("binary, GRPO's prompts ask letters balanced over absent / once / more (all ones right on 20% at d3, not 35%)",

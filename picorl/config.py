@@ -146,6 +146,10 @@ class GRPOConfig:
     max_grad_norm: float = knob(1.0, "Gradient norm clip.")
     max_resample_rounds: int = knob(4, "dapo: extra rollout rounds to refill groups dropped for zero variance.")
     overlong_filter: bool = knob(False, "DAPO's overlong filter: completions cut off by rollout.max_tokens carry no loss (they still count in their group's advantages).")
+    greedy_member: bool = knob(False, "Add each task's greedy completion to its group (k + 1 members; the graph engine "
+                                      "decodes it among the samples, other engines in a second pass): "
+                                      "the greedy answer then takes its place in the advantages, pushed down where a sample beats it "
+                                      "and up where it beats the samples. Metrics other than train/greedy_correct stay over the k samples.")
 
 
 @dataclass

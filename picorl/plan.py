@@ -55,7 +55,7 @@ def train_difficulties(cfg) -> list[int]:
 
 def describe_plan(cfg) -> str:
     total = sum(s.updates for s in cfg.stages)
-    per_update = cfg.grpo.tasks_per_update * cfg.grpo.group_size
+    per_update = cfg.grpo.tasks_per_update * (cfg.grpo.group_size + cfg.grpo.greedy_member)
     evals = eval_steps(cfg)
     lines = [f"task       {cfg.env.name}" + (f" {cfg.env.options}" if cfg.env.options else ""),
              f"model      {cfg.model.name} (LoRA r{cfg.model.lora.rank}/a{cfg.model.lora.alpha})"
@@ -63,7 +63,8 @@ def describe_plan(cfg) -> str:
              f"engine     {cfg.rollout.engine}, max_tokens {cfg.rollout.max_tokens}, temperature {cfg.rollout.temperature}",
              f"sft        {cfg.sft.steps} steps x {cfg.sft.batch_size} ({cfg.sft.style}) on d{cfg.sft.difficulties}"
              if cfg.sft.enabled else "sft        off",
-             f"algorithm  {cfg.grpo.algorithm}, reward {cfg.reward.kind}, {cfg.grpo.tasks_per_update} tasks x k {cfg.grpo.group_size}"]
+             f"algorithm  {cfg.grpo.algorithm}, reward {cfg.reward.kind}, {cfg.grpo.tasks_per_update} tasks x k {cfg.grpo.group_size}"
+             + (" + the greedy answer" if cfg.grpo.greedy_member else "")]
     for name, s in zip(stage_names(cfg), cfg.stages):
         rule = (f"promote at {s.promote_at}" if s.promote_at is not None else "fixed") + \
                (f", demote below {s.demote_below}" if s.demote_below is not None else "")

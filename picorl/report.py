@@ -76,7 +76,8 @@ def render_report(cfg: Config, history: list[dict], evals: list[dict], *, title:
                                            if cfg.env.options else "") + " |",
              f"| model | {m.name} |",
              "| adapter | " + (f"LoRA r{m.lora.rank} / alpha {m.lora.alpha}" if m.lora.enabled else "full fine-tuning") + " |",
-             f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}, lr {g.lr}) |",
+             f"| algorithm | {g.algorithm} ({g.tasks_per_update} tasks x k {g.group_size}"
+             + (" + the greedy answer" if g.greedy_member else "") + f", lr {g.lr}) |",
              f"| reward | {cfg.reward.kind}" + (f" + format bonus {cfg.reward.format_bonus}" if cfg.reward.format_bonus else "")
              + (f", overlong penalty over the last {cfg.reward.overlong_buffer} tokens" if cfg.reward.overlong_buffer else "")
              + (", truncated completions filtered" if g.overlong_filter else "") + " |",

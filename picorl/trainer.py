@@ -26,7 +26,7 @@ from picorl.envs.base import Environment, reward_of_grade
 from picorl.faults import fault_point
 from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, overlong_penalty, policy_loss,
                          shared_prefix_logprobs, token_logprobs)
-from picorl.rollout import Completion, Sampling
+from picorl.rollout import Completion, Sampling, samples_and_greedy
 
 # (reward, fully correct, formatted) of one completion on its record.
 RewardFn = Callable[[Completion, dict], tuple[float, bool, bool]]
@@ -102,6 +102,8 @@ class GRPOTrainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.device = next(model.parameters()).device
+        # A group's members: its k samples, then (grpo.greedy_member) the task's greedy answer.
+        self.members = g.group_size + int(g.greedy_member)
         # The KL term's reference: by default the trained weights as GRPO finds them (the SFT
         # policy), kept as a copy of the trainable tensors (a LoRA adapter: a few MB) and
         # swapped in for the reference's forward. A resumed run must not take its resume
@@ -119,7 +121,11 @@ class GRPOTrainer:
         """(groups, scored groups, seconds spent scoring) for one engine call."""
         r = self.cfg.rollout
         sampling = Sampling(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=seed)
-        groups = self.engine.generate([messages_of(x, self.env) for x in records], self.cfg.grpo.group_size, sampling)
+        prompts = [messages_of(x, self.env) for x in records]
+        if self.cfg.grpo.greedy_member:
+            groups = samples_and_greedy(self.engine, prompts, self.cfg.grpo.group_size, sampling)
+        else:
+            groups = self.engine.generate(prompts, self.cfg.grpo.group_size, sampling)
         t0 = time.perf_counter()
         scored = [[self.score(c, rec) for c in grp] for grp, rec in zip(groups, records)]
         return groups, scored, time.perf_counter() - t0
@@ -162,7 +168,7 @@ class GRPOTrainer:
             kept = kept[:quota]
             tasks, groups, scored = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         stats["reward_s"] = reward_s
-        first_round = gather(all_rewards[:quota * g.group_size])  # every rank's, for the metrics
+        first_round = gather(all_rewards[:quota * self.members])  # every rank's, for the metrics
         return Rollouts(tasks, groups, scored, first_round, time.perf_counter() - t0 - reward_s, stats)
 
     # ------------------------------------------------------------ the update
@@ -173,13 +179,19 @@ class GRPOTrainer:
         t_start = time.perf_counter()
         got = self.collect(records)
         groups, scored, first_round, rollout_s, stats = got.groups, got.scored, got.first_round, got.rollout_s, got.stats
+        # Zero variance is over a group's members (what the advantages see); the other
+        # figures are over its k samples, comparable with a run that has no greedy member.
+        _, zero_var_first = group_advantages(torch.tensor([s.reward for s in first_round]), self.members,
+                                             scale="none")
+        greedy_first = first_round[g.group_size::self.members] if g.greedy_member else []
+        first_round = [s for i, s in enumerate(first_round) if i % self.members < g.group_size]
         rewards_first = torch.tensor([s.reward for s in first_round], dtype=torch.float)
-        _, zero_var_first = group_advantages(rewards_first, g.group_size, scale="none")
         metrics = {
             "reward_mean": rewards_first.mean().item(),
             "reward_std": rewards_first.std().item() if rewards_first.numel() > 1 else 0.0,
             "frac_correct": sum(s.correct for s in first_round) / len(first_round),
             **rollout_diagnostics(first_round),
+            **({"greedy_correct": sum(s.correct for s in greedy_first) / len(greedy_first)} if greedy_first else {}),
             "reward_std_in_group": rewards_first.view(-1, g.group_size).std(dim=1).mean().item(),
             "frac_zero_var_groups": zero_var_first.float().mean().item(),
             "completion_len": _tokens(groups) / max(1, sum(len(grp) for grp in groups)),
@@ -194,7 +206,7 @@ class GRPOTrainer:
             return self._finish(metrics, t_start, loss=0.0, kl=0.0, grad_norm=0.0, skipped=True,
                                 reason="no group with reward variance")
         rewards = torch.tensor([x.reward for s in scored for x in s], dtype=torch.float)
-        adv, _ = group_advantages(rewards, g.group_size, scale=self.algo["scale"])
+        adv, _ = group_advantages(rewards, self.members, scale=self.algo["scale"])
         completions = [c for grp in groups for c in grp]
         group_of = [i for i, grp in enumerate(groups) for _ in grp]
         # DAPO's overlong filter: a truncated completion keeps its place in its group's

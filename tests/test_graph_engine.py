@@ -203,6 +203,33 @@ def test_rows_that_stop_leave_the_batch_and_change_no_token(tiny_model, tokenize
         assert c.logprobs == pytest.approx(ours, abs=2e-3)
 
 
+def test_greedy_rows_ride_among_sampled_rows_and_keep_the_argmax_as_rows_move(tiny_model, tokenizer):
+    # generate_with_greedy: 4 samples then the greedy answer per prompt, 30 rows in chunks of
+    # 16, so chunks mix greedy and sampled rows; stops as above make the compacted loop move
+    # rows, and a greedy flag left behind would sample a moved greedy row or argmax a sample.
+    model = models.add_lora(tiny_model, rank=4, alpha=8)
+    perturb_adapter(model, std=0.2)
+    ps = prompts(3, difficulty=1) + prompts(3, difficulty=5)
+    engine = GraphEngine(model, tokenizer, batch_size=16, progress=False)
+    engine.stops = torch.arange(3, model.config.vocab_size, 11)
+    groups = engine.generate_with_greedy(ps, 4, Sampling(temperature=1.0, max_tokens=24, seed=5))
+    assert [len(g) for g in groups] == [5] * 6
+    flat = [c for g in groups for c in g]
+    assert len({len(c.token_ids) for c in flat}) > 5  # rows stopped at many steps: compaction ran
+    with torch.no_grad():
+        for g in groups:
+            c = g[-1]
+            logits = model(input_ids=torch.tensor([c.prompt_ids + c.token_ids])).logits[0, len(c.prompt_ids) - 1:-1]
+            top = logits.float().topk(2)
+            for i, t in enumerate(c.token_ids):  # the argmax, but for a top-two tie within rounding
+                assert t == top.indices[i, 0] or (top.values[i, 0] - top.values[i, 1]).item() < 1e-4, (i, c.token_ids)
+    # every member's log-probs, greedy or sampled, are the policy's at the tokens it chose
+    for c, ours in zip(flat, trainer_logprobs(model, tokenizer, flat)):
+        assert c.logprobs == pytest.approx(ours, abs=2e-3)
+    alone = engine.generate(ps, 1, Sampling(temperature=0.0, max_tokens=24))
+    assert_greedy_equal(model, tokenizer, [g[0] for g in alone], [g[-1] for g in groups])
+
+
 def test_sampling_follows_the_tempered_nucleus():
     from picorl.rollout.sampling import sample_tokens
 

@@ -13,6 +13,8 @@ from picorl.config import load_config
 from picorl.data import messages_of
 from picorl.models import add_lora, tiny_llama
 from picorl.rollout.hf import HFEngine
+from picorl.grpo import group_advantages
+from picorl.rollout import Sampling
 from picorl.trainer import GRPOTrainer, Scored, rollout_diagnostics
 
 RECORDS = data.train_records(1, 1, seed=0)
@@ -21,7 +23,7 @@ RECORDS = data.train_records(1, 1, seed=0)
 # Toy task, one prompt: the reward is 1 when the first generated token is one of the 10
 # tokens the initial model finds likeliest after it. A random Llama with a wide init puts
 # ~15-25% on them, so groups have variance and GRPO has something to push up.
-def make(tokenizer, *overrides, lora=True, seed=0, records=RECORDS):
+def make(tokenizer, *overrides, lora=True, seed=0, records=RECORDS, ranks=range(10)):
     cfg = load_config(None, ["rollout.max_tokens=3", "rollout.temperature=1.0", "grpo.tasks_per_update=4",
                              "grpo.group_size=8", "grpo.lr=0.003", "grpo.micro_batch_size=8",
                              "model.lora.rank=8", "model.lora.alpha=16", *overrides])
@@ -30,7 +32,8 @@ def make(tokenizer, *overrides, lora=True, seed=0, records=RECORDS):
     with torch.no_grad():
         for r in records:
             ids = torch.tensor([chat_prompt_ids(tokenizer, messages_of(r))])
-            favourites[r["string"]] = set(model(ids).logits[0, -1].topk(10).indices.tolist())
+            top = model(ids).logits[0, -1].topk(10).indices.tolist()
+            favourites[r["string"]] = {top[i] for i in ranks}
 
     def reward(c, record):
         ok = bool(c.token_ids) and c.token_ids[0] in favourites[record["string"]]
@@ -67,6 +70,54 @@ def test_update_reports_every_metric(tokenizer):
     assert sum(parts) <= m["update_s"] + 1e-6
     assert len(m["task_correct"]) == 4 and m["skipped"] == 0.0
     assert 1 <= m["completion_len"] <= 3
+
+
+def test_the_greedy_member_joins_each_group_after_the_samples_it_leaves_alone(tokenizer):
+    plain, _ = make(tokenizer)
+    with_greedy, _ = make(tokenizer, "grpo.greedy_member=true")
+    a, b = plain.collect(RECORDS), with_greedy.collect(RECORDS)
+    prompts = [messages_of(r) for r in b.tasks]
+    greedy = with_greedy.engine.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=3))
+    assert len(b.first_round) == 4 * 9
+    for ga, gb, one in zip(a.groups, b.groups, greedy):
+        assert len(gb) == 9
+        assert [c.token_ids for c in gb[:8]] == [c.token_ids for c in ga]  # the same samples
+        assert gb[8].token_ids == one[0].token_ids
+
+
+def test_the_greedy_member_takes_its_place_in_the_advantages_and_is_pushed_off_a_wrong_answer(tokenizer):
+    """Reward 1 for a first token among the initial model's 2nd-10th likeliest: the greedy
+    answer (the likeliest) is wrong, so every group where a sample is right pushes it down."""
+    trainer, _ = make(tokenizer, "grpo.greedy_member=true", ranks=range(1, 10))
+    seen = {}
+    optimise = trainer._optimise
+
+    def spy(completions, group_of, adv, carries_loss=None):
+        seen.update(completions=completions, adv=adv.clone())
+        return optimise(completions, group_of, adv, carries_loss)
+    trainer._optimise = spy
+    rollout = trainer.collect
+
+    def keep(records):
+        seen["got"] = rollout(records)
+        return seen["got"]
+    trainer.collect = keep
+    m = trainer.update(RECORDS)
+    got = seen["got"]
+    rewards = torch.tensor([x.reward for s in got.scored for x in s])
+    want, _ = group_advantages(rewards, 9, scale="group")
+    assert len(seen["completions"]) == 36 and torch.equal(seen["adv"], want)
+    assert m["greedy_correct"] == 0.0
+    samples = [x for s in got.scored for x in s[:8]]
+    assert m["frac_correct"] == sum(x.correct for x in samples) / 32
+    assert len(m["task_correct"]) == 4
+    # Where a group has a right sample, its greedy member's advantage is negative.
+    for i, s in enumerate(got.scored):
+        if any(x.correct for x in s[:8]):
+            assert seen["adv"][i * 9 + 8] < 0
+    # The toy's greedy token holds 8% of the mass and the rewarded ones 6%: a few updates flip it.
+    greedy = [trainer.update(RECORDS)["greedy_correct"] for _ in range(4)]
+    assert greedy[-1] == 1.0, greedy
 
 
 def test_kl_grows_as_the_policy_leaves_the_reference(tokenizer):

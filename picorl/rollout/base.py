@@ -36,6 +36,20 @@ class RolloutEngine(Protocol):
         """Make the engine sample from the current policy (a no-op for an engine that shares the model)."""
 
 
+def samples_and_greedy(engine: RolloutEngine, prompts: list[list[dict]], n: int,
+                       sampling: Sampling) -> list[list[Completion]]:
+    """Each prompt's n samples, then its greedy completion: groups of n + 1.
+
+    An engine that can decode greedy rows among sampled ones (`generate_with_greedy`) does it
+    in one pass; any other engine takes a second, greedy call after the samples.
+    """
+    if hasattr(engine, "generate_with_greedy"):
+        return engine.generate_with_greedy(prompts, n, sampling)
+    groups = engine.generate(prompts, n, sampling)
+    greedy = engine.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=sampling.max_tokens))
+    return [group + one for group, one in zip(groups, greedy)]
+
+
 def stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a completion: the tokenizer's eos and any the generation config adds."""
     ids = {tokenizer.eos_token_id}
