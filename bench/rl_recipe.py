@@ -78,6 +78,11 @@ ARMS = {
     # against the collapse of all samples onto one constant answer.
     "greedy_member": ("binary at 1e-4, each task's greedy answer a member of its group: pushed down where a sample beats it",
                       ["reward.kind=binary", "grpo.lr=1e-4", "grpo.greedy_member=true"]),
+    # Twice the rate for half the updates: 60 updates at 1e-4 moved greedy most, but take past
+    # make train's 25 minutes on the slower 2-core machines; 3e-4 was the rate that drifted.
+    "greedy_member_fast": ("greedy_member at 2e-4 for 30 updates at d3: the same distance in half the updates",
+                           ["reward.kind=binary", "grpo.lr=2e-4", "grpo.greedy_member=true",
+                            "stages=[{difficulty: 3, updates: 30}]"]),
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
     "balanced": ("binary, GRPO's prompts ask letters balanced over absent / once / more (all ones right on 20% at d3, not 35%)",
@@ -132,15 +137,23 @@ def sampled(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
                         cfg.eval.max_tokens, seed, env_of(cfg))
 
 
-def measure(model, tok, cfg, records: list[dict], k: int, seed: int) -> dict:
-    """Greedy items (exact per item, completion) and the sampled figures on the eval records."""
+def greedy(model, tok, cfg, records: list[dict]) -> dict:
+    """Greedy items (exact per item, completion) and their summary, decoded as the pipeline's evals."""
     greedy_engine = eval_engine(cfg, model, tok, progress=False)
     summary, items = evaluate_records(model, tok, records, max_tokens=cfg.eval.max_tokens, engine=greedy_engine,
                                       env=env_of(cfg))
-    out = {"greedy": summary, "items": [{k_: v for k_, v in i.items() if k_ not in ("difficulty", "answer", "prediction",
-                                                                                   "partial")} for i in items]}
+    return {"greedy": summary, "items": [{k_: v for k_, v in i.items() if k_ not in ("difficulty", "answer", "prediction",
+                                                                                    "partial")} for i in items]}
+
+
+def measure(model, tok, cfg, records: list[dict], k: int, seed: int, fresh: list[dict] | None = None) -> dict:
+    """Greedy items and the sampled figures on the eval records; greedy on the fresh records
+    too, where there are some (words no run generates: does a gain carry past the eval set?)."""
+    out = greedy(model, tok, cfg, records)
     if k > 1:
         out["sampled"] = sampled(model, tok, cfg, records, k, seed)
+    if fresh:
+        out["fresh"] = greedy(model, tok, cfg, fresh)
     return out
 
 
@@ -171,6 +184,8 @@ def paired_figures(start: dict, end: dict) -> dict:
     out = {"greedy": paired_change(start["items"], end["items"])}
     if "sampled" in start and "sampled" in end:  # an arm measured greedy only (--k 1) has no sampled pair
         out["sampled"] = sampled_change(start["sampled"], end["sampled"])
+    if "fresh" in start and "fresh" in end:
+        out["fresh"] = paired_change(start["fresh"]["items"], end["fresh"]["items"])
     return out
 
 
@@ -269,6 +284,10 @@ def line(name: str, r: dict) -> str:
     sampled = (f"; sampled {s['before']:.1%} -> {s['after']:.1%} (rose on {s['rose']}, fell on {s['fell']}, "
                f"p={s['p_value']:.2g}), pass@k {s['pass_before']:.1%} -> {s['pass_after']:.1%}" if s else "")
     parts = "".join(f"\n  {line(part, p)}" for part, p in r.get("split", {}).items())
+    if "fresh" in r:
+        f = r["fresh"]
+        parts += (f"\n  fresh words: greedy {f['before']:.1%} -> {f['after']:.1%} on {f['n']} items "
+                  f"(gained {f['gained']}, lost {f['lost']}, p={f['p_value']:.2g})")
     if "greedy_by_samples" in r:
         parts += "\n  greedy by the start's right samples: " + ", ".join(
             f"{b['right_samples']}: gained {b['gained']}/{b['wrong']}, lost {b['lost']}/{b['right']}"
@@ -294,14 +313,28 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--start-dir", default="outputs/rl_recipe", help="where the SFT start is kept between runs")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="also greedy on N fresh items of the eval tier (as `picorl export --fresh`: items no run "
+                         "generates), at the start and after every arm")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the GRPO arms' run.seed (their tasks and samples) from the same SFT start, which keeps the "
+                         "config's seed: another draw of the same arms; the result file's name says it")
     args = ap.parse_args()
+    # An arm's seed moves its draws only: SFT, the start's adapter and the eval's samples stay
+    # the config's, so the arms of several seeds are compared with one start item by item.
+    arm_sets = [f"run.seed={args.seed}"] if args.seed is not None else []
     try:
         base = load_config(args.config, args.set)
-        arm_cfgs = {a: load_config(args.config, args.set + ARMS[a][1]) for a in args.arms}
+        arm_cfgs = {a: load_config(args.config, args.set + ARMS[a][1] + arm_sets) for a in args.arms}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = env_of(base)
+    try:
+        fresh_set = data.fresh_records(args.eval_difficulty, args.fresh, env=env) if args.fresh else None
+    except ValueError as e:
+        print(f"error: --fresh {args.fresh}: {e}", file=sys.stderr)
+        return 2
     eval_set = data.eval_records(args.eval_difficulty, args.eval_size, env=env)
     eval_split = constant_answer_split(eval_set)
     # GRPO's prompts come from each arm's own environment (an arm may change how the train
@@ -309,9 +342,10 @@ def main() -> int:
     train_sets = {a: {d: data.train_records(d, c.data.train_size, seed=c.data.seed, env=env_of(c)) for d in env.tiers
                       if any(d in Curriculum.for_stage(s).reachable() for s in c.stages)}
                   for a, c in arm_cfgs.items()}
-    out = {"machine": machine(), "config": {"config": args.config, "sets": args.set}, "eval": {
+    out = {"machine": machine(), "config": {"config": args.config, "sets": args.set, "arm_seed": args.seed}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
-    stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}"
+    seed_tag = f"-seed{args.seed}" if args.seed is not None else ""
+    stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}{seed_tag}"
     results_dir = Path(args.results_dir)
     kept = earlier_rows(results_dir / f"{stem}.json", out, set(args.arms))
 
@@ -354,8 +388,14 @@ def main() -> int:
         start = json.loads(start_file.read_text())
         if args.k > 1 and start.get("sampled", {}).get("k") != args.k:
             start["sampled"] = sampled(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)
+        if fresh_set and len(start.get("fresh", {}).get("items", [])) != args.fresh:
+            start["fresh"] = greedy(model, tok, base, fresh_set)  # kept: the next run with --fresh reuses it
+            atomic_write_text(start_file, json.dumps(start))
+        elif not fresh_set:
+            start.pop("fresh", None)  # arms measured without fresh items have no pair to make
     else:
-        start = {"sft_seconds": round(sft_s, 1), **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17)}
+        start = {"sft_seconds": round(sft_s, 1),
+                 **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17, fresh=fresh_set)}
         atomic_write_text(start_file, json.dumps(start))
     start_weights = trained_weights(model)
     start_opt = copy.deepcopy(sft_opt.state_dict())
@@ -368,7 +408,7 @@ def main() -> int:
         change, sets = ARMS[arm]
         load_trained_weights(model, start_weights)
         print(f"\n=== {arm}: {change}", flush=True)
-        torch.manual_seed(base.run.seed)
+        torch.manual_seed(arm_cfgs[arm].run.seed)
         if arm == "more_sft":
             grpo_s = [r["seconds"] for a, r in kept.items() if a != "more_sft"]
             if not grpo_s:
@@ -384,7 +424,7 @@ def main() -> int:
         else:
             updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm],
                                         arm_reward(arm, env_of(arm_cfgs[arm])))
-        end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17)
+        end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17, fresh=fresh_set)
         kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split, eval_set)
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}
         print(line(arm, kept[arm]), flush=True)

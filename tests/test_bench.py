@@ -220,13 +220,22 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
     assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
     assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
-    # Another eval tier is another measurement of the same weights: no second SFT.
+    # Another eval tier is another measurement of the same weights, and another arm seed
+    # another draw of GRPO from them: no second SFT.
     third = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", *common, "--eval-difficulty",
-                            "2", "--set", "stages=[{difficulty: 1, updates: 1}]", "--tag=-d2"],
+                            "2", "--set", "stages=[{difficulty: 1, updates: 1}]", "--tag=-d2", "--seed", "7", "--fresh", "3"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
     assert "SFT start from" in third.stdout
     assert len(list((tmp_path / "start").glob("*/start-*.json"))) == 2
+    (seeded,) = (tmp_path / "res").glob("rl_recipe-*-smoke-d2-seed7.json")
+    seeded = json.loads(seeded.read_text())
+    assert seeded["config"]["arm_seed"] == 7
+    # The fresh words: measured at the start and after the arm, compared item by item.
+    fresh = seeded["rows"]["binary"]["fresh"]
+    assert fresh["n"] == 3 == len(seeded["start"]["fresh"]["items"])
+    assert fresh["after"] - fresh["before"] == pytest.approx((fresh["gained"] - fresh["lost"]) / 3)
+    assert not {i["string"] for i in seeded["start"]["fresh"]["items"]} & {i["string"] for i in seeded["start"]["items"]}
 
 
 def test_sampled_change_pairs_each_items_right_samples():
