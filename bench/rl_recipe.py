@@ -21,6 +21,7 @@ constant answer shows as exact up, counted flat or down.
 
 The result, bench/results/rl_recipe-<machine>-<config>.json, is written after every arm,
 so an interrupted run keeps what it finished; rerunning redoes only the arms asked for.
+Each arm's end weights are kept beside the start (`<start-dir>/<key>/arms/<result>-<arm>.pt`).
 """
 from __future__ import annotations
 
@@ -426,6 +427,11 @@ def main() -> int:
                                         arm_reward(arm, env_of(arm_cfgs[arm])))
         end = measure(model, tok, arm_cfgs[arm], eval_set, args.k, seed=base.run.seed + 17, fresh=fresh_set)
         kept[arm] = arm_result(change, sets, start, end, seconds, updates, eval_split, eval_set)
+        # The arm's end weights, beside its start: a later question (another eval tier, fresh
+        # words, a longer look at the completions) is then a measurement, not a rerun.
+        arm_file = start_dir / "arms" / f"{stem}-{arm}.pt"
+        arm_file.parent.mkdir(exist_ok=True)
+        torch.save(trained_weights(model), arm_file)
         out["rows"] = {a: kept[a] for a in ARMS if a in kept}
         print(line(arm, kept[arm]), flush=True)
         write_result(stem, out, results_dir)

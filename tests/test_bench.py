@@ -220,6 +220,12 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert len(out["rows"]["binary"]["updates"]) == 4  # smoke's stages: 2 + 2 updates
     assert "frac_truncated" in out["rows"]["binary"]["updates"][0]
     assert out["rows"]["more_sft"]["updates"] == [] and "more SFT steps" in out["rows"]["more_sft"]["change"]
+    # Every arm's end weights are kept beside the start, one adapter's tensors each.
+    (start_weights,) = (tmp_path / "start").glob("*/weights.pt")
+    start_names = set(torch.load(start_weights, weights_only=True)["weights"])
+    for arm in out["rows"]:
+        (kept_arm,) = (tmp_path / "start").glob(f"*/arms/{path.stem}-{arm}.pt")
+        assert set(torch.load(kept_arm, weights_only=True)) == start_names
     # Another eval tier is another measurement of the same weights, and another arm seed
     # another draw of GRPO from them: no second SFT.
     third = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", *common, "--eval-difficulty",
