@@ -393,7 +393,7 @@ def main() -> int:
             start["fresh"] = greedy(model, tok, base, fresh_set)  # kept: the next run with --fresh reuses it
             atomic_write_text(start_file, json.dumps(start))
         elif not fresh_set:
-            start.pop("fresh", None)  # arms measured without fresh items have no pair to make
+            start.pop("fresh", None)  # the result file's start holds what this run's arms are compared on
     else:
         start = {"sft_seconds": round(sft_s, 1),
                  **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17, fresh=fresh_set)}
