@@ -84,6 +84,12 @@ ARMS = {
     "greedy_member_fast": ("greedy_member at 2e-4 for 30 updates at d3: the same distance in half the updates",
                            ["reward.kind=binary", "grpo.lr=2e-4", "grpo.greedy_member=true",
                             "stages=[{difficulty: 3, updates: 30}]"]),
+    # The same 32 samples an update over twice the words (16 tasks x 2, each with its greedy
+    # answer): the misses are misspellings of words never trained on, so what an update teaches
+    # about spelling may carry further from more words than from more samples of fewer.
+    "wide_member": ("greedy_member over 16 tasks x 2 samples an update: as many samples, twice the words",
+                    ["reward.kind=binary", "grpo.lr=1e-4", "grpo.greedy_member=true",
+                     "grpo.tasks_per_update=16", "grpo.group_size=2"]),
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
     "balanced": ("binary, GRPO's prompts ask letters balanced over absent / once / more (all ones right on 20% at d3, not 35%)",
@@ -102,11 +108,14 @@ ARMS = {
     # answer, half for how close the chain's spelling is to the string. The one arm whose
     # reward is not a reward.kind (ARM_REWARDS); its sets keep the config's kind for the record.
     "spelling": ("0.5 x exact + 0.5 x how close the chain spells the string", []),
+    # The same reward at the rate that does no harm from the balanced start (the `spelling`
+    # arm ran at 3e-4, where every reward drifted): 87% of that start's greedy chains misspell.
+    "spelling_mid": ("spelling reward at 1e-4: every sample graded on how it spells", ["grpo.lr=1e-4"]),
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
 # arm -> a reward function in place of the config's reward.kind: (completion text, record) -> reward
-ARM_REWARDS = {"spelling": spelling_reward}
+ARM_REWARDS = {"spelling": spelling_reward, "spelling_mid": spelling_reward}
 
 
 def arm_reward(arm: str, env):

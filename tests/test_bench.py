@@ -342,6 +342,52 @@ def test_the_spelling_arm_trains_on_letter_counting_s_spelling_reward():
         (pytest.approx(0.5 + 0.5 * 6 / 7), True, True)
     assert reward(Completion("<think>m o1 n</think>", [], []), record) == (0.0, False, False)
     assert "spelling" in ARMS and arm_reward("binary", env) is None
+    assert arm_reward("spelling_mid", env)(Completion("<think>m o1 n</think><answer>2</answer>", [], []),
+                                           record)[0] == pytest.approx(0.5 + 0.5 * 6 / 7)
+
+
+def test_spelling_reads_which_letters_and_tokens_a_chain_spelt():
+    """A letter is spelt when the alignment of spelling to string covers it, a token when all
+    its letters are; pieces that do not join back to the string cannot be assigned."""
+    from bench.spelling import spelling_figures, spelt_letters, token_spelling
+    assert spelt_letters("moon", "mon") == [True, True, False, True]
+    assert spelt_letters("moon", "") == [False] * 4
+    assert token_spelling(["mo", "on"], "moon", "mon") == [("mo", True), ("on", False)]
+    assert token_spelling(["mo", "on"], "moon", "moon") == [("mo", True), ("on", True)]
+    assert token_spelling([" mo", "on"], "moon", "moon") is None
+    cuts = {"moon": ["mo", "on"], "sky": ["sky"]}
+    items = [{"string": "moon", "completion": "<think>m o1 o2 n</think><answer>2</answer>", "exact": 1.0},
+             {"string": "moon", "completion": "<think>m o1 n</think><answer>2</answer>", "exact": 1.0},
+             {"string": "sky", "completion": "<think>sky</think><answer>1</answer>", "exact": 0.0}]
+    f = spelling_figures(items, cuts.__getitem__, {"mo": 3, "on": 1})
+    # "sky" written whole spells "?" (closeness 0); "mon" against "moon" is 2 x 3 / 7
+    assert (f["n"], f["spelt_exactly"], f["exact"]) == (3, 1, 2)
+    assert f["closeness"] == pytest.approx(round((1 + 6 / 7 + 0) / 3, 4))
+    assert f["tokens_by_length"] == {"2": {"right": 3, "n": 4, "share": 0.75}, "3": {"right": 0, "n": 1, "share": 0.0}}
+    assert f["tokens_by_exposure"] == {"seen 1-2, 2": {"right": 1, "n": 2, "share": 0.5},
+                                       "seen 3+, 2": {"right": 2, "n": 2, "share": 1.0},
+                                       "unseen, 3": {"right": 0, "n": 1, "share": 0.0}}
+
+
+def test_spelling_bench_reads_a_result_file_and_names_a_bad_one(tmp_path, capsys):
+    from bench.spelling import main
+    items = [{"string": "overmodest", "completion": "<think>o1 v e r m o2 d e s t</think><answer>2</answer>",
+              "exact": 1.0},
+             {"string": "overmodest", "completion": "<think>o1 v e r</think><answer>1</answer>", "exact": 0.0}]
+    run = {"config": {"config": str(ROOT / "configs/default.yaml"), "sets": ["data.train_size=20"]},
+           "start": {"items": items}, "rows": {"mid_lr": {"end": {"items": items[:1] * 2}}}}
+    path = tmp_path / "rl_recipe-x.json"
+    path.write_text(json.dumps(run))
+    assert main([str(path), "--results-dir", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "spelling-rl_recipe-x.json").read_text())
+    figures = out["runs"]["rl_recipe-x.json"]
+    assert (figures["start"]["spelt_exactly"], figures["mid_lr"]["spelt_exactly"]) == (1, 2)
+    assert sum(v["n"] for v in figures["start"]["tokens_by_length"].values()) > 0
+    assert figures["start"]["items_not_cut"] == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main([str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow
