@@ -7,7 +7,9 @@ One SFT (the config's, from its seeded adapter) is the start of every arm. Each 
 restores that adapter, takes a fresh optimizer and runs the config's stages with its own
 overrides (`ARMS`); `more_sft` spends the median GRPO arm's seconds on more SFT steps of
 the same run instead (same optimizer, batches drawn as the longer SFT would draw them), the
-honest reference for whether RL is the better use of the time.
+honest reference for whether RL is the better use of the time. Its steps are those seconds
+at the start's recorded step time; where this machine or run steps at another speed,
+`--more-sft-steps N` gives the count (the row records the seconds it took).
 
 Every arm is measured on the same held-out items as its start: greedy exact (the eval
 the pipeline reports), and sampled accuracy and pass@k at the rollout temperature, since
@@ -326,10 +328,16 @@ def main() -> int:
     ap.add_argument("--fresh", type=int, default=0, metavar="N",
                     help="also greedy on N fresh items of the eval tier (as `picorl export --fresh`: items no run "
                          "generates), at the start and after every arm")
+    ap.add_argument("--more-sft-steps", type=int, default=None, metavar="N",
+                    help="more_sft trains exactly N more SFT steps instead of the steps the median GRPO arm's "
+                         "seconds buy at the start's step time (which another machine or run may not match)")
     ap.add_argument("--seed", type=int, default=None,
                     help="the GRPO arms' run.seed (their tasks and samples) from the same SFT start, which keeps the "
                          "config's seed: another draw of the same arms; the result file's name says it")
     args = ap.parse_args()
+    if args.more_sft_steps is not None and args.more_sft_steps < 1:
+        print(f"error: --more-sft-steps must be >= 1, got {args.more_sft_steps}", file=sys.stderr)
+        return 2
     # An arm's seed moves its draws only: SFT, the start's adapter and the eval's samples stay
     # the config's, so the arms of several seeds are compared with one start item by item.
     arm_sets = [f"run.seed={args.seed}"] if args.seed is not None else []
@@ -421,16 +429,18 @@ def main() -> int:
         torch.manual_seed(arm_cfgs[arm].run.seed)
         if arm == "more_sft":
             grpo_s = [r["seconds"] for a, r in kept.items() if a != "more_sft"]
-            if not grpo_s:
-                print("more_sft: run a GRPO arm first (its seconds set the budget)", file=sys.stderr)
+            if not grpo_s and args.more_sft_steps is None:
+                print("more_sft: run a GRPO arm first (its seconds set the budget), or give --more-sft-steps",
+                      file=sys.stderr)
                 continue
-            budget = statistics.median(grpo_s)
-            extra = max(1, round(budget / (sft_s / base.sft.steps)))
+            budget = statistics.median(grpo_s) if grpo_s else None
+            extra = args.more_sft_steps or max(1, round(budget / (sft_s / base.sft.steps)))
             sft_opt.load_state_dict(copy.deepcopy(start_opt))
             t1 = time.perf_counter()
             train_sft(model, tok, sft_records, steps=base.sft.steps + extra, start_step=base.sft.steps, **sft_kw)
             seconds, updates = time.perf_counter() - t1, []
-            change = f"no GRPO: {extra} more SFT steps ({budget:.0f} s, the median GRPO arm's)"
+            change = (f"no GRPO: {extra} more SFT steps" +
+                      (f" (the median GRPO arm's {budget:.0f} s)" if budget is not None else ""))
         else:
             updates, seconds = run_grpo(model, tok, arm_cfgs[arm], train_sets[arm],
                                         arm_reward(arm, env_of(arm_cfgs[arm])))

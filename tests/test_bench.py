@@ -242,6 +242,15 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert fresh["n"] == 3 == len(seeded["start"]["fresh"]["items"])
     assert fresh["after"] - fresh["before"] == pytest.approx((fresh["gained"] - fresh["lost"]) / 3)
     assert not {i["string"] for i in seeded["start"]["fresh"]["items"]} & {i["string"] for i in seeded["start"]["items"]}
+    # more_sft with its steps given: no GRPO arm needed for a budget; a count below 1 is refused
+    fourth = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "more_sft", "--more-sft-steps", "2",
+                             *common, "--tag=-more2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert fourth.returncode == 0, fourth.stdout[-2000:] + fourth.stderr[-3000:]
+    (more,) = (tmp_path / "res").glob("rl_recipe-*-smoke-more2.json")
+    assert json.loads(more.read_text())["rows"]["more_sft"]["change"] == "no GRPO: 2 more SFT steps"
+    bad = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "more_sft", "--more-sft-steps", "0", *common],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 2 and "--more-sft-steps must be >= 1, got 0" in bad.stderr
 
 
 def test_sampled_change_pairs_each_items_right_samples():
