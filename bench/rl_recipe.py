@@ -433,7 +433,8 @@ def main() -> int:
                 print("more_sft: run a GRPO arm first (its seconds set the budget), or give --more-sft-steps",
                       file=sys.stderr)
                 continue
-            budget = statistics.median(grpo_s) if grpo_s else None
+            # the GRPO arms' seconds size it unless the count is given (then no budget is claimed)
+            budget = statistics.median(grpo_s) if args.more_sft_steps is None else None
             extra = args.more_sft_steps or max(1, round(budget / (sft_s / base.sft.steps)))
             sft_opt.load_state_dict(copy.deepcopy(start_opt))
             t1 = time.perf_counter()

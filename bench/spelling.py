@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import difflib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from bench.common import RESULTS, write_result
 from picorl import data
 from picorl.config import ConfigError, load_config
 from picorl.envs import env_of
-from picorl.envs.letter_counting import chain_spelling, string_tokens
+from picorl.envs.letter_counting import chain_closeness, chain_spelling, string_tokens
 from picorl.models import load_tokenizer, resolve_model
 
 # token length buckets: 1, 2, 3, 4, 5 or more letters
@@ -73,7 +74,7 @@ def spelling_figures(items: list[dict], tokens_of, seen: dict) -> dict:
     for item in items:
         spelled = chain_spelling(item["completion"]) or ""
         spelt += spelled == item["string"]
-        closeness += difflib.SequenceMatcher(None, spelled, item["string"], autojunk=False).ratio()
+        closeness += chain_closeness(item["completion"], item["string"])
         exact += bool(item["exact"])
         tokens = token_spelling(tokens_of(item["string"]), item["string"], spelled)
         if tokens is None:
@@ -112,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tok = load_tokenizer(resolve_model(cfg.model.name))
     env = env_of(cfg)
-    cut = {}
-
-    def tokens_of(string: str) -> list[str]:
-        if string not in cut:
-            cut[string] = string_tokens(tok, string)
-        return cut[string]
+    tokens_of = functools.cache(lambda string: string_tokens(tok, string))  # a string is cut once
 
     train_words = {r["string"] for d in cfg.sft.difficulties
                    for r in data.train_records(d, cfg.data.train_size, seed=cfg.data.seed, env=env)}

@@ -362,6 +362,13 @@ def chain_spelling(completion: str) -> str | None:
     return None if steps is None else "".join(step[0] if _STEP.fullmatch(step) else "?" for step in steps)
 
 
+def chain_closeness(completion: str, string: str) -> float:
+    """How close a chain's spelling is to `string`: difflib's ratio, 1 when equal, 0 for no
+    closed chain. Worked example: "<think>m o1 n</think>" against "moon" -> 2 x 3 / 7 = 0.857."""
+    spelled = chain_spelling(completion) or ""
+    return difflib.SequenceMatcher(None, spelled, string, autojunk=False).ratio()
+
+
 def spelling_reward(completion: str, record: dict) -> float:
     """A reward that reads the chain as well as the answer: 0.5 for an exactly right answer
     plus 0.5 x how close the chain's spelling is to the string (difflib's ratio, 1 when
@@ -373,9 +380,7 @@ def spelling_reward(completion: str, record: dict) -> float:
     parsed = parse_answer(completion, record["letters"])
     if not parsed.formatted:
         return 0.0
-    spelled = chain_spelling(completion) or ""
-    closeness = difflib.SequenceMatcher(None, spelled, record["string"], autojunk=False).ratio()
-    return 0.5 * float(parsed.counts == record["answer"]) + 0.5 * closeness
+    return 0.5 * float(parsed.counts == record["answer"]) + 0.5 * chain_closeness(completion, record["string"])
 
 
 def string_tokens(tokenizer, string: str) -> list[str]:
