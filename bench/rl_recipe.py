@@ -7,9 +7,10 @@ One SFT (the config's, from its seeded adapter) is the start of every arm. Each 
 restores that adapter, takes a fresh optimizer and runs the config's stages with its own
 overrides (`ARMS`); `more_sft` spends the median GRPO arm's seconds on more SFT steps of
 the same run instead (same optimizer, batches drawn as the longer SFT would draw them), the
-honest reference for whether RL is the better use of the time. Its steps are those seconds
-at the start's recorded step time; where this machine or run steps at another speed,
-`--more-sft-steps N` gives the count (the row records the seconds it took).
+honest reference for whether RL is the better use of the time. Its step count is those
+seconds at the pace of its own first steps, timed in this process (a start made in another
+process or session stepped at that one's speed); `--more-sft-steps N` gives the count
+instead (the row records the seconds it took).
 
 Every arm is measured on the same held-out items as its start: greedy exact (the eval
 the pipeline reports), and sampled accuracy and pass@k at the rollout temperature, since
@@ -188,6 +189,19 @@ def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]], reward_fn=None)
                   f"zero-var {m['frac_zero_var_groups']:.2f} truncated {m['frac_truncated']:.2f} "
                   f"formatted {m['frac_formatted']:.2f} len {m['completion_len']:.0f} ({m['update_s']:.1f} s)", flush=True)
     return rows, time.perf_counter() - t0
+
+
+PACE_STEPS = 10  # more_sft's first steps, timed to size the rest
+
+
+def steps_for_budget(budget_s: float, done: int, spent_s: float) -> int:
+    """SFT steps in all that fill `budget_s` at the pace of the `done` steps that took `spent_s`.
+
+    Worked example: a budget of 900 s, 10 steps in 36 s -> 250 steps (240 more). Never fewer
+    than `done`: those are taken, whatever the budget."""
+    if budget_s <= 0 or done < 1 or spent_s <= 0:
+        raise ValueError(f"budget, steps and seconds must be positive, got {budget_s}, {done}, {spent_s}")
+    return max(done, round(budget_s * done / spent_s))
 
 
 def paired_figures(start: dict, end: dict) -> dict:
@@ -435,10 +449,16 @@ def main() -> int:
                 continue
             # the GRPO arms' seconds size it unless the count is given (then no budget is claimed)
             budget = statistics.median(grpo_s) if args.more_sft_steps is None else None
-            extra = args.more_sft_steps or max(1, round(budget / (sft_s / base.sft.steps)))
             sft_opt.load_state_dict(copy.deepcopy(start_opt))
             t1 = time.perf_counter()
-            train_sft(model, tok, sft_records, steps=base.sft.steps + extra, start_step=base.sft.steps, **sft_kw)
+            done = base.sft.steps
+            if budget is not None:  # time the first steps here, then fill the budget at that pace
+                train_sft(model, tok, sft_records, steps=done + PACE_STEPS, start_step=done, **sft_kw)
+                extra = steps_for_budget(budget, PACE_STEPS, time.perf_counter() - t1)
+                done += PACE_STEPS
+            else:
+                extra = args.more_sft_steps
+            train_sft(model, tok, sft_records, steps=base.sft.steps + extra, start_step=done, **sft_kw)
             seconds, updates = time.perf_counter() - t1, []
             change = (f"no GRPO: {extra} more SFT steps" +
                       (f" (the median GRPO arm's {budget:.0f} s)" if budget is not None else ""))

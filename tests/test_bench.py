@@ -253,6 +253,17 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert bad.returncode == 2 and "--more-sft-steps must be >= 1, got 0" in bad.stderr
 
 
+def test_more_sft_fills_its_budget_at_the_pace_of_its_first_steps():
+    """10 steps in 36 s is 3.6 s a step: a 900 s budget holds 250 steps in all; a budget the
+    timed steps already overran keeps them (they are taken); nonsense is refused by name."""
+    from bench.rl_recipe import steps_for_budget
+    assert steps_for_budget(900.0, 10, 36.0) == 250
+    assert steps_for_budget(20.0, 10, 36.0) == 10
+    assert steps_for_budget(37.9, 10, 36.0) == 11  # 10.5 steps' worth, rounded
+    with pytest.raises(ValueError, match="got 900.0, 10, 0"):
+        steps_for_budget(900.0, 10, 0)
+
+
 def test_sampled_change_pairs_each_items_right_samples():
     """An item counts as risen when more of its k samples are right after than before; the sign
     test weighs the risen against the fallen, and an item that did not move carries nothing."""
