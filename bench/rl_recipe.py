@@ -343,8 +343,8 @@ def main() -> int:
                     help="also greedy on N fresh items of the eval tier (as `picorl export --fresh`: items no run "
                          "generates), at the start and after every arm")
     ap.add_argument("--more-sft-steps", type=int, default=None, metavar="N",
-                    help="more_sft trains exactly N more SFT steps instead of the steps the median GRPO arm's "
-                         "seconds buy at the start's step time (which another machine or run may not match)")
+                    help="more_sft trains exactly N more SFT steps instead of filling the median GRPO arm's "
+                         "seconds at the pace of its own first steps")
     ap.add_argument("--seed", type=int, default=None,
                     help="the GRPO arms' run.seed (their tasks and samples) from the same SFT start, which keeps the "
                          "config's seed: another draw of the same arms; the result file's name says it")
