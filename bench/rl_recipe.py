@@ -387,7 +387,8 @@ def main() -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     sft_opt = torch.optim.AdamW(params, lr=base.sft.lr, weight_decay=0.0)
     sft_kw = dict(style=base.sft.style, batch_size=base.sft.batch_size, lr=base.sft.lr, seed=base.run.seed,
-                  group_by_length=base.sft.group_by_length, optimizer=sft_opt, progress=False, env=env)
+                  group_by_length=base.sft.group_by_length, shared_prefix=base.sft.shared_prefix, optimizer=sft_opt,
+                  progress=False, env=env)
     # The SFT start is kept on disk, keyed by what it depends on, so arms run in several
     # processes (or sessions) start from the same weights without paying for SFT again; its
     # measurement is keyed apart, so another eval tier or size reuses the weights.

@@ -10,7 +10,8 @@ Engines: `hf` (transformers generate, dynamic KV cache), `hf-static` (static KV 
 a static cache, CUDA graphs on a GPU: picorl/rollout/graph.py), `graph-compile` (the same step
 compiled by Inductor before it is captured: `rollout.graph_compile`), `graph-whole` (the eager
 step without compaction: every row of a chunk decodes until its longest row stops, the graph
-engine's CPU path before rows that stopped left the batch), `vllm`.
+engine's CPU path before rows that stopped left the batch), `graph-bf16` (the graph engine
+over bf16 copies of the weights, `rollout.dtype=bfloat16`), `vllm`.
 Sampling at temperature 1 from the embedded model with a LoRA adapter (as in training),
 new tokens counted per engine, the best of --repeats timed calls after one warm-up call
 (the warm-up pays any compile or graph capture; its seconds are reported as `warmup_s`);
@@ -62,13 +63,14 @@ def greedy_ids(engine, prompts, max_tokens):
 
 def make_engine(name, model, tok, args):
     """The engine a bench name stands for (hf, hf-static, hf-static-compile, graph, graph-whole,
-    graph-compile, vllm), built as the pipeline builds it."""
+    graph-compile, graph-bf16, vllm), built as the pipeline builds it."""
     if name.startswith("hf"):
         return build_engine("hf", model, tok, batch_size=args.prompts, progress=False,
                             hf_cache="static" if "static" in name else "dynamic", hf_compile="compile" in name)
     if name.startswith("graph"):
         return build_engine("graph", model, tok, batch_size=args.prompts, progress=False,
-                            graph_compile=name == "graph-compile", compact=name != "graph-whole")
+                            graph_compile=name == "graph-compile", compact=name != "graph-whole",
+                            graph_dtype=torch.bfloat16 if name == "graph-bf16" else None)
     return build_engine("vllm", model, tok, model_path=str(models.embedded_model_dir()), dtype=args.dtype,
                         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=2048, lora_rank=32,
                         progress=False)
@@ -82,7 +84,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"],
-                    choices=["hf", "hf-static", "hf-static-compile", "graph", "graph-compile", "graph-whole", "vllm"])
+                    choices=["hf", "hf-static", "hf-static-compile", "graph", "graph-compile", "graph-whole", "graph-bf16",
+                             "vllm"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
     torch.manual_seed(0)

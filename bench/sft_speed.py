@@ -5,7 +5,8 @@
 
 For each batching (random draws, and demonstrations grouped by length: `sft.group_by_length`)
 a fresh LoRA adapter r32/alpha64 runs `train_sft` for --warmup steps (kernels, allocator),
-then --steps timed steps. Tokenizing the demonstrations, once per run, is timed apart. Tokens
+then --steps timed steps; `random_full` repeats the random batches with every row run whole
+(`sft.shared_prefix` off: the system prompt read once per row, not once per batch). Tokenizing the demonstrations, once per run, is timed apart. Tokens
 are the real tokens of the batches (prompt + demonstration, what the forward pass must read),
 the demonstration tokens alone (what the loss covers), and the padded total (what it does
 read), so padding and prompt costs show. --profile N profiles 2 more steps of random batches
@@ -66,10 +67,10 @@ def main() -> int:
     lengths = [len(ids) for ids, _ in examples]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rows = {}
-    variants = [("random", False, False), ("by_length", True, False)]
+    variants = [("random", False, False, True), ("random_full", False, False, False), ("by_length", True, False, True)]
     if args.compile:
-        variants.append(("random_compiled", False, True))
-    for name, by_length, compiled in variants:
+        variants.append(("random_compiled", False, True, False))
+    for name, by_length, compiled, shared in variants:
         torch.manual_seed(0)
         model, _ = models.load_model(models.EMBEDDED, dtype=args.dtype)
         model = models.add_lora(model, rank=32, alpha=64)
@@ -80,7 +81,8 @@ def main() -> int:
             done_at.append(time.perf_counter())
         started = time.perf_counter()
         train_sft(model, tok, records, style=args.style, steps=args.warmup + args.steps, batch_size=args.batch_size,
-                  lr=1e-3, group_by_length=by_length, compile_forward=compiled, on_step=stamp, progress=False)
+                  lr=1e-3, group_by_length=by_length, compile_forward=compiled, shared_prefix=shared, on_step=stamp,
+                  progress=False)
         seconds = done_at[-1] - done_at[args.warmup - 1]  # the timed steps: after warmup, tokenizing excluded
         if args.profile and name == "random":
             n = args.warmup + args.steps
@@ -100,7 +102,8 @@ def main() -> int:
               f"warm-up {r['warmup_s']} s", flush=True)
     out = {"machine": machine(), "torch": torch.__version__, "config": vars(args),
            "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
-           "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2)}
+           "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2),
+           "shared_prefix_speedup": round(rows["random_full"]["step_s"] / rows["random"]["step_s"], 2)}
     if args.compile:
         out["compiled_speedup"] = round(rows["random"]["step_s"] / rows["random_compiled"]["step_s"], 2)
         print(f"compiled (sft.compile): {out['compiled_speedup']}x the steps/s of eager random batches, "
@@ -110,7 +113,8 @@ def main() -> int:
         print_profile("2 more SFT steps of random batches", prof)
     print(f"{out['machine']}: SFT {args.style}, batch {args.batch_size}, {args.dtype}: tokenizing "
           f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
-          f"by length {out['by_length_speedup']}x the steps/s of random batches")
+          f"by length {out['by_length_speedup']}x the steps/s of random batches; the shared prefix run once "
+          f"{out['shared_prefix_speedup']}x the steps/s of whole rows")
     write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}", out)
     return 0
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from picorl.batching import left_pad_ids, positions, repeat_cache_rows, repeat_rows
+from picorl.batching import left_pad, left_pad_ids, positions, repeat_cache_rows, repeat_rows
 from picorl.head_logprobs import masked_logprobs, plain_head
 
 # algorithm -> advantage scale, loss aggregation, default eps_high, dynamic sampling
@@ -105,11 +105,13 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int
 
 
 def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
-                           owner: list[int], pad_id: int, chunk: int = 0):
+                           owner: list[int], pad_id: int, chunk: int = 0, scored: list[list[int]] | None = None):
     """Log-probs of completion tokens, running each prompt once for all of its completions.
 
     prompts: distinct prompt ids; completions[j] is sampled from prompts[owner[j]]. Returns
     (logp, mask), (len(completions), longest completion), completions right-padded.
+    scored[j][t] = 0 leaves completion j's token t out of the mask (SFT: a user turn after a
+    shared system prompt is read, not scored); through the chunked head it costs nothing.
 
     A group's k completions share one prompt, and at d6 the prompt (~165 tokens with the
     system prompt) is three times longer than a completion; running it k times is most of
@@ -138,6 +140,8 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[li
     # Right padding is safe here: a pad sits after every real token, so no real token sees it.
     c_out = run(input_ids=c_ids, attention_mask=torch.cat([p_attn[rows], mask], dim=1),
                 position_ids=c_positions, past_key_values=cache, use_cache=True)
+    if scored is not None:
+        mask = mask * left_pad([list(s) + [0] * (length - len(s)) for s in scored], 0).to(device)
     if weight is not None:
         hidden = torch.cat([repeat_rows(out.last_hidden_state[:, -1:], owner), c_out.last_hidden_state[:, :-1]], dim=1)
         return masked_logprobs(hidden, weight, c_ids, mask, chunk), mask.float()

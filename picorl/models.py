@@ -117,6 +117,21 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles, where a bf16 matmul runs about 7x float32's (2-core Xeon:
+    2,100 against 280 GFLOP/s at 1350 x 576 x 1536); without them bf16 gains little or loses."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def rollout_dtype(setting: str, model) -> torch.dtype | None:
+    """The graph engine's dtype for `rollout.dtype`; None keeps the model's own."""
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if setting == "auto" and next(model.parameters()).device.type == "cpu" and has_amx():
+        return torch.bfloat16
+    return None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

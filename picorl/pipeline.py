@@ -101,7 +101,8 @@ def _sft(cfg: Config, run_dir, progress: bool) -> dict:
         steps = train_sft(sess.model, sess.tokenizer, records, style=cfg.sft.style, steps=cfg.sft.steps, env=env_of(cfg),
                           batch_size=cfg.sft.batch_size, lr=cfg.sft.lr, lr_schedule=cfg.sft.lr_schedule,
                           warmup_steps=cfg.sft.warmup_steps, compile_forward=cfg.sft.compile, seed=cfg.run.seed,
-                          group_by_length=cfg.sft.group_by_length, max_skips_in_a_row=MAX_SKIPS_IN_A_ROW,
+                          group_by_length=cfg.sft.group_by_length, shared_prefix=cfg.sft.shared_prefix,
+                          max_skips_in_a_row=MAX_SKIPS_IN_A_ROW,
                           progress=progress, on_step=lambda s, _: fault_point("sft", s))
         history = [{"kind": "sft", "step": i + 1, "stage": "sft", "metrics": m} for i, m in enumerate(steps)]
         sess.engine.sync_weights(sess.model)  # an engine with its own weights (vLLM) gets the SFT adapter

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from picorl import checkpoint, data
 from picorl.config import Config, to_dict
 from picorl.rollout.base import RolloutEngine
@@ -22,18 +24,19 @@ from picorl.run_folder import RunFolder
 
 def build_engine(kind: str, model, tokenizer, *, batch_size: int = 64, progress: bool = True,
                  hf_cache: str = "dynamic", hf_compile: bool = False, graph_compile: bool = False,
-                 compact: bool = True, **vllm_options) -> RolloutEngine:
+                 compact: bool = True, graph_dtype: torch.dtype | None = None, **vllm_options) -> RolloutEngine:
     """The engine named `kind` (`rollout.engine`: hf, graph or vllm) around a loaded model.
 
-    hf_cache / hf_compile apply to hf, graph_compile / compact to graph; vllm takes its own
-    options (model_path, gpu_memory_utilization, max_model_len, lora_rank, dtype, seed)."""
+    hf_cache / hf_compile apply to hf, graph_compile / compact / graph_dtype to graph; vllm
+    takes its own options (model_path, gpu_memory_utilization, max_model_len, lora_rank,
+    dtype, seed)."""
     if kind == "hf":
         from picorl.rollout.hf import HFEngine
         return HFEngine(model, tokenizer, batch_size=batch_size, progress=progress, cache=hf_cache, compile=hf_compile)
     if kind == "graph":
         from picorl.rollout.graph import GraphEngine
         return GraphEngine(model, tokenizer, batch_size=batch_size, progress=progress, compile_step=graph_compile,
-                           compact=compact)
+                           compact=compact, dtype=graph_dtype)
     if kind == "vllm":
         try:
             from picorl.rollout.vllm import VLLMEngine
@@ -48,6 +51,9 @@ def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True) -> R
     r = cfg.rollout
     options = dict(batch_size=r.batch_size, progress=progress, hf_cache=r.hf_cache, hf_compile=r.hf_compile,
                    graph_compile=r.graph_compile)
+    if r.engine == "graph":
+        from picorl.models import rollout_dtype
+        options["graph_dtype"] = rollout_dtype(r.dtype, model)
     if r.engine == "vllm":
         from picorl.models import resolve_model
         options.update(model_path=resolve_model(cfg.model.name), gpu_memory_utilization=r.gpu_memory_utilization,
@@ -59,7 +65,9 @@ def engine_for_config(cfg: Config, model, tokenizer, progress: bool = True) -> R
 def eval_engine(cfg: Config, model, tokenizer, progress: bool = True) -> RolloutEngine:
     """The greedy engine of evals: the graph engine when the run trains with it (its greedy
     tokens equal transformers', tests/test_graph_engine.py), else transformers with the run's
-    cache and compile switches (the reference measurement, whatever trains)."""
+    cache and compile switches (the reference measurement, whatever trains). Always in the
+    model's dtype, whatever `rollout.dtype` samples in: an eval scores the weights a
+    checkpoint holds, as `picorl eval` of the exported adapter would."""
     if cfg.rollout.engine == "graph":
         return build_engine("graph", model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress)
     return build_engine("hf", model, tokenizer, batch_size=cfg.eval.batch_size, progress=progress,
@@ -79,6 +87,7 @@ class Session:
         self.loaded: str | None = None
         self.pristine = False  # base weights + a fresh adapter, untouched
         self._records: dict = {}
+        self._evals = None  # (model, its eval engine) when evals need their own (rollout.dtype)
 
     def fresh(self) -> None:
         """Base weights and a new adapter (a retried SFT must not continue a half-trained one)."""
@@ -121,10 +130,18 @@ class Session:
         return self._records[key]
 
     def eval_engine(self, progress: bool = True) -> RolloutEngine:
-        """The rollout engine when it is the graph engine (synced weights, captured graphs), else a new hf one."""
-        if self.cfg.rollout.engine == "graph":
+        """The rollout engine when it is the graph engine in the model's dtype (synced weights,
+        captured graphs); a graph engine of the model's dtype beside a bf16 one (`rollout.dtype`),
+        built once per loaded model and synced at each eval; else a new hf one."""
+        if self.cfg.rollout.engine != "graph":
+            return eval_engine(self.cfg, self.model, self.tokenizer, progress)
+        from picorl.models import rollout_dtype
+        if rollout_dtype(self.cfg.rollout.dtype, self.model) is None:
             return self.engine
-        return eval_engine(self.cfg, self.model, self.tokenizer, progress)
+        if self._evals is None or self._evals[0] is not self.model:
+            self._evals = (self.model, eval_engine(self.cfg, self.model, self.tokenizer, progress))
+        self._evals[1].sync_weights(self.model)
+        return self._evals[1]
 
     def get_trainer(self):
         from picorl.trainer import GRPOTrainer

@@ -86,6 +86,46 @@ def test_a_float32_adapter_on_a_bf16_model_runs_in_the_models_dtype(tiny_model, 
     assert [len(g) for g in done] == [2, 2, 2] and all(c.token_ids for g in done for c in g)
 
 
+def test_a_bf16_engine_over_a_float32_model_decodes_as_the_model_cast_to_bf16(tiny_model, tokenizer):
+    """rollout.dtype=bfloat16: the engine holds bf16 roundings of the float32 policy, on build
+    and on every sync, and decodes exactly as an engine over the same model cast to bf16."""
+    import copy
+    model = models.add_lora(tiny_model, rank=4, alpha=8)
+    perturb_adapter(model)
+    engine = GraphEngine(model, tokenizer, batch_size=4, progress=False, dtype=torch.bfloat16)
+    assert {t.dtype for t in engine.dec.w.values()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy itself is not cast
+    s = Sampling(temperature=0.0, max_tokens=10)
+
+    def same_as_cast(m):
+        cast = copy.deepcopy(m).to(torch.bfloat16)
+        # .to() rounds the rotary frequencies too; the engine takes its tables from the float32 ones
+        rotary = cast.get_base_model().model.rotary_emb
+        rotary.inv_freq = m.get_base_model().model.rotary_emb.inv_freq.clone()
+        cast = GraphEngine(cast, tokenizer, batch_size=4, progress=False)
+        assert [g[0].token_ids for g in engine.generate(prompts(6), 1, s)] == \
+            [g[0].token_ids for g in cast.generate(prompts(6), 1, s)]
+    same_as_cast(model)
+    perturb_adapter(model, seed=1)
+    engine.sync_weights(model)
+    a = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.equal(engine.dec.w["0.qkv.lora_a"][:a.shape[0]], a.to(torch.bfloat16))
+    same_as_cast(model)
+
+
+def test_the_config_picks_the_engines_dtype(tiny_model, tokenizer):
+    from picorl.config import ConfigError, load_config
+    from picorl.session import engine_for_config, eval_engine
+    for setting, want in [("model", torch.float32), ("bfloat16", torch.bfloat16),
+                          ("auto", torch.bfloat16 if models.has_amx() else torch.float32)]:
+        cfg = load_config(None, ["rollout.engine=graph", f"rollout.dtype={setting}"])
+        assert engine_for_config(cfg, tiny_model, tokenizer, progress=False).dec.dtype == want
+        # Evals score the weights as saved, whatever rollouts sample in.
+        assert eval_engine(cfg, tiny_model, tokenizer, progress=False).dec.dtype == torch.float32
+    with pytest.raises(ConfigError, match="rollout.dtype=bfloat16 is the graph engine's"):
+        load_config(None, ["rollout.engine=hf", "rollout.dtype=bfloat16"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_compiled_step_decodes_as_the_eager_one_across_buckets_and_syncs(tiny_model, tokenizer):

@@ -68,6 +68,43 @@ def test_loss_covers_assistant_tokens_only(tokenizer):
     assert ids[-len(target):] == target and labels[:len(ids) - len(target)] == [-100] * (len(ids) - len(target))
 
 
+def test_shared_prefix_length_stops_before_targets_and_leaves_every_row_a_token():
+    row = lambda ids, first_target: (ids, [-100] * first_target + ids[first_target:])  # noqa: E731
+    assert sft.shared_prefix_length([row([1, 2, 3, 4], 3), row([1, 2, 3, 5, 6], 3)]) == 3
+    assert sft.shared_prefix_length([row([1, 2, 3, 4], 2), row([1, 2, 3, 5, 6], 3)]) == 2  # a target at 2
+    assert sft.shared_prefix_length([row([1, 2, 3], 3), row([1, 2, 3, 5], 3)]) == 2  # [1, 2, 3] must keep a token
+    assert sft.shared_prefix_length([row([1, 2, 3], 3), row([1, 7, 3], 3)]) == 1
+    assert sft.shared_prefix_length([row([1, 2, 3], 0), row([1, 2, 3], 3)]) == 0
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_full_batch(tokenizer):
+    from test_trainer import float64_norms
+    # float64, as tests/test_trainer.py's shared-prefix check and for its reason: the two
+    # paths sum the same terms in other orders, within about n x 1.1e-16 relative.
+    model = models.add_lora(float64_norms(models.tiny_llama(len(tokenizer), initializer_range=0.3)),
+                            rank=4, alpha=8).double()
+    with torch.no_grad():  # a non-zero adapter, so its gradients depend on the prefix's keys/values
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = sft.encode_records(tokenizer, [r for d in (1, 3) for r in data.train_records(d, 3)], "cot", progress=False)
+    prefix = sft.shared_prefix_length(batch)
+    system = chat_prompt_ids(tokenizer, data.messages_of(data.train_records(1, 1)[0]))
+    assert 0 < prefix < len(system) and all(ids[:prefix] == batch[0][0][:prefix] for ids, _ in batch)
+
+    def loss_and_grads(shared: bool):
+        model.zero_grad()
+        loss = sft.batch_gradients(model, params, batch, tokenizer.pad_token_id, shared_prefix=shared)
+        return loss, [p.grad.clone() for p in params]
+    loss_shared, g_shared = loss_and_grads(True)
+    loss_full, g_full = loss_and_grads(False)
+    assert loss_shared == pytest.approx(loss_full, rel=1e-9)
+    for a, b in zip(g_shared, g_full):
+        assert (a - b).norm() <= 1e-9 * b.norm() + 1e-12
+    assert any(a.abs().sum() > 0 for a in g_shared)
+
+
 @pytest.mark.parametrize("style", lc.STYLES)
 def test_records_tokenized_in_chunks_match_one_at_a_time(tokenizer, style, monkeypatch):
     # Chunks of 7 make the last chunk partial; each record is built the slow, obvious way.

@@ -149,7 +149,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Decoder:
     """The model's forward over engine-owned weights, writing keys/values into a given cache."""
 
-    def __init__(self, model):
+    def __init__(self, model, dtype: torch.dtype | None = None):
         specs = weight_specs(model)  # first: it names an unsupported model before its config is read
         lm = _base(model)
         cfg = lm.config
@@ -161,10 +161,11 @@ class Decoder:
         self.scale = self.head_dim ** -0.5
         self.vocab = cfg.vocab_size
         ref = lm.get_input_embeddings().weight
-        self.dtype, self.device = ref.dtype, ref.device
+        self.dtype, self.device = dtype or ref.dtype, ref.device
         # One dtype for every buffer: PEFT keeps adapter weights in float32 beside a bf16 base,
         # and a matmul of bf16 activations with a float32 matrix is an error. sync() copies
-        # into these buffers, so later updates are cast the same way.
+        # into these buffers, so later updates are cast the same way. `dtype` other than the
+        # model's (rollout.dtype): bf16 copies of a float32 policy, as vLLM serves one.
         self.w = {name: spec.build().detach().to(self.dtype, copy=True) for name, spec in specs.items()}
         if "lm_head" not in self.w:
             self.w["lm_head"] = self.w["embed"]  # tied: one buffer serves both

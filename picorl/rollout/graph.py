@@ -84,11 +84,11 @@ class DecodeState:
 class GraphEngine:
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True,
                  use_graphs: bool | None = None, check_every: int = 16, compile_step: bool = False,
-                 compact: bool = True):
+                 compact: bool = True, dtype: torch.dtype | None = None):
         self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
         self.compile_step = compile_step
         self.compact = compact  # eager steps drop rows that stopped (`_decode_eager`)
-        self.dec = Decoder(model)
+        self.dec = Decoder(model, dtype)  # dtype None: the model's own
         self.use_graphs = self.dec.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.dec.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
