@@ -154,7 +154,8 @@ def markdown() -> str:
                       *vs_trl_rows(), "",
                       "The SFT rows of the ablation, same batches and same held-out sets (`bench/sft_recipe.py`):", "",
                       *sft_rows(), "",
-                      "SFT throughput, random batches beside batches by length (`bench/sft_speed.py`):", "",
+                      "SFT throughput, random batches beside batches by length; random_full: every row run whole "
+                      "(the shared system prompt read once per row, not once per batch) (`bench/sft_speed.py`):", "",
                       *sft_speed_rows(), "",
                       "The ablation, one whole run per row, each on the same held-out sets and budget "
                       "(`bench/ablation.py`; exact ± its standard error):", "",
