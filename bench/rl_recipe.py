@@ -117,6 +117,18 @@ ARMS = {
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """An arm's --set overrides. One that does not name the greedy member runs plain GRPO,
+    whatever the base config says: configs/default.yaml has it on, and every arm above was
+    measured without it unless it says otherwise."""
+    sets = ARMS[arm][1]
+    if arm == "more_sft" or any(s.startswith("grpo.greedy_member=") for s in sets):
+        return list(sets)
+    return ["grpo.greedy_member=false", *sets]
+
+
 # arm -> a reward function in place of the config's reward.kind: (completion text, record) -> reward
 ARM_REWARDS = {"spelling": spelling_reward, "spelling_mid": spelling_reward}
 
@@ -357,7 +369,7 @@ def main() -> int:
     arm_sets = [f"run.seed={args.seed}"] if args.seed is not None else []
     try:
         base = load_config(args.config, args.set)
-        arm_cfgs = {a: load_config(args.config, args.set + ARMS[a][1] + arm_sets) for a in args.arms}
+        arm_cfgs = {a: load_config(args.config, args.set + arm_overrides(a) + arm_sets) for a in args.arms}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -438,7 +450,7 @@ def main() -> int:
            f"{start['sampled']['pass_at_k']:.1%}" if "sampled" in start else ""), flush=True)
 
     for arm in args.arms:
-        change, sets = ARMS[arm]
+        change, sets = ARMS[arm][0], arm_overrides(arm)
         load_trained_weights(model, start_weights)
         print(f"\n=== {arm}: {change}", flush=True)
         torch.manual_seed(arm_cfgs[arm].run.seed)

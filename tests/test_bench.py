@@ -264,6 +264,20 @@ def test_more_sft_fills_its_budget_at_the_pace_of_its_first_steps():
         steps_for_budget(900.0, 10, 0)
 
 
+def test_arms_run_plain_grpo_unless_they_name_the_greedy_member():
+    """configs/default.yaml turns the greedy member on; the arms measured without it keep
+    running without it, and the arms that name it keep it."""
+    from bench.rl_recipe import ARMS, arm_overrides
+    from picorl.config import load_config
+    default = str(ROOT / "configs" / "default.yaml")
+    assert load_config(default).grpo.greedy_member
+    assert not load_config(default, arm_overrides("binary")).grpo.greedy_member
+    assert not load_config(default, arm_overrides("partial")).grpo.greedy_member
+    assert load_config(default, arm_overrides("greedy_member")).grpo.greedy_member
+    assert "grpo.greedy_member=false" not in arm_overrides("wide_member")
+    assert arm_overrides("more_sft") == [] and ARMS["binary"][1] == ["reward.kind=binary"]  # ARMS itself untouched
+
+
 def test_sampled_change_pairs_each_items_right_samples():
     """An item counts as risen when more of its k samples are right after than before; the sign
     test weighs the risen against the fallen, and an item that did not move carries nothing."""
