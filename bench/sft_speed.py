@@ -12,7 +12,8 @@ the demonstration tokens alone (what the loss covers), and the padded total (wha
 read), so padding and prompt costs show. --profile N profiles 2 more steps of random batches
 and lists their N costliest operators, with the time the device was busy against the wall.
 --compile adds random batches with the forward compiled (`sft.compile`): its steps, and its
-warm-up (the compile) apart. Writes
+warm-up (the compile) apart. --lora-top-layers N ... adds random batches with the adapter on
+the last N layers only (`random_topN`): the backward stops at the lowest adapted layer. Writes
 bench/results/sft-speed-<machine>-<batch>-<dtype>.json.
 """
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main() -> int:
                     help="add a row of random batches with the forward compiled (sft.compile), and its warm-up")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile 2 more steps of random batches and report their N most expensive operators")
+    ap.add_argument("--lora-top-layers", type=int, nargs="+", default=[], metavar="N",
+                    help="add a row of random batches per N with the adapter on the last N layers only")
     args = ap.parse_args()
+    if any(n < 1 for n in args.lora_top_layers):
+        ap.error(f"--lora-top-layers must be at least 1, got {args.lora_top_layers}")
     if args.warmup < 1 or args.steps < 1:
         ap.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     if args.dtype == "auto":  # name the dtype that ran in the result
@@ -67,13 +72,15 @@ def main() -> int:
     lengths = [len(ids) for ids, _ in examples]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rows = {}
-    variants = [("random", False, False, True), ("random_full", False, False, False), ("by_length", True, False, True)]
+    variants = [("random", False, False, True, None), ("random_full", False, False, False, None),
+                ("by_length", True, False, True, None)]
     if args.compile:
-        variants.append(("random_compiled", False, True, False))
-    for name, by_length, compiled, shared in variants:
+        variants.append(("random_compiled", False, True, False, None))
+    variants += [(f"random_top{n}", False, False, True, n) for n in args.lora_top_layers]
+    for name, by_length, compiled, shared, top in variants:
         torch.manual_seed(0)
         model, _ = models.load_model(models.EMBEDDED, dtype=args.dtype)
-        model = models.add_lora(model, rank=32, alpha=64)
+        model = models.add_lora(model, rank=32, alpha=64, top_layers=top)
         done_at = []  # train_sft reads each loss back (a sync), so the clock is honest on a GPU too
 
         def stamp(step, loss):
@@ -104,6 +111,9 @@ def main() -> int:
            "encode_s": round(encode_s, 2), "encode_ms_per_record": round(1e3 * encode_s / len(records), 3),
            "rows": rows, "by_length_speedup": round(rows["random"]["step_s"] / rows["by_length"]["step_s"], 2),
            "shared_prefix_speedup": round(rows["random_full"]["step_s"] / rows["random"]["step_s"], 2)}
+    for n in args.lora_top_layers:
+        out[f"top{n}_speedup"] = round(rows["random"]["step_s"] / rows[f"random_top{n}"]["step_s"], 2)
+        print(f"adapter on the last {n} layers: {out[f'top{n}_speedup']}x the steps/s of every layer's")
     if args.compile:
         out["compiled_speedup"] = round(rows["random"]["step_s"] / rows["random_compiled"]["step_s"], 2)
         print(f"compiled (sft.compile): {out['compiled_speedup']}x the steps/s of eager random batches, "
@@ -115,7 +125,8 @@ def main() -> int:
           f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
           f"by length {out['by_length_speedup']}x the steps/s of random batches; the shared prefix run once "
           f"{out['shared_prefix_speedup']}x the steps/s of whole rows")
-    write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}", out)
+    top = "".join(f"-top{n}" for n in args.lora_top_layers)  # kept apart from the every-layer runs' file
+    write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}{top}", out)
     return 0
 
 

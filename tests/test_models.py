@@ -27,6 +27,24 @@ def test_lora_wraps_all_projections_and_trains_only_the_adapter(tiny_model):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_lora_on_the_top_layers_only_leaves_the_layers_below_without_gradients(tokenizer):
+    model = models.add_lora(models.tiny_llama(len(tokenizer), num_hidden_layers=3), rank=4, alpha=8, top_layers=2)
+    adapted = {int(n.split("layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {1, 2}
+    for module in model.modules():  # B starts at zero: give the adapters an effect to backpropagate
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model(input_ids=ids, output_hidden_states=True)
+    out.logits.sum().backward()
+    # hidden_states: the embeddings (into layer 0), layer 0's output (into layer 1), layer 1's,
+    # and the normed last: autograd records nothing below layer 1, so the backward stops there
+    assert [h.requires_grad for h in out.hidden_states] == [False, False, True, True]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="between 1 and the model's 3 layers, got 4"):
+        models.add_lora(models.tiny_llama(len(tokenizer), num_hidden_layers=3), top_layers=4)
+
+
 def test_lora_names_missing_targets(tiny_model):
     with pytest.raises(ValueError, match=r"\['c_attn'\] not found"):
         models.add_lora(tiny_model, target_modules=["q_proj", "c_attn"])
