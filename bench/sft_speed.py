@@ -58,8 +58,14 @@ def main() -> int:
     ap.add_argument("--lora-top-layers", type=int, nargs="+", default=[], metavar="N",
                     help="add a row of random batches per N with the adapter on the last N layers only")
     args = ap.parse_args()
-    if any(n < 1 for n in args.lora_top_layers):
-        ap.error(f"--lora-top-layers must be at least 1, got {args.lora_top_layers}")
+    if args.lora_top_layers:  # before any row runs: a bad N would otherwise fail after the others
+        from transformers import AutoConfig
+        depth = AutoConfig.from_pretrained(models.resolve_model(models.EMBEDDED)).num_hidden_layers
+        try:
+            for n in args.lora_top_layers:
+                models.top_layer_indices(depth, n)
+        except ValueError as e:
+            ap.error(f"--lora-top-layers: {e}")
     if args.warmup < 1 or args.steps < 1:
         ap.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
     if args.dtype == "auto":  # name the dtype that ran in the result

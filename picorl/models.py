@@ -202,6 +202,13 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     return model.to(dev).eval(), tok
 
 
+def top_layer_indices(depth: int, top_layers: int) -> list[int]:
+    """The indices of the last `top_layers` of `depth` decoder layers (add_lora's top_layers)."""
+    if not 1 <= top_layers <= depth:
+        raise ValueError(f"top_layers must be between 1 and the model's {depth} layers, got {top_layers}")
+    return list(range(depth - top_layers, depth))
+
+
 def add_lora(model, *, rank: int = 32, alpha: int = 64, dropout: float = 0.0, target_modules=None,
              top_layers: int | None = None):
     """Wrap `model` with a fresh LoRA adapter; only the adapter's weights train.
@@ -222,12 +229,7 @@ def add_lora(model, *, rank: int = 32, alpha: int = 64, dropout: float = 0.0, ta
     if missing:
         raise ValueError(f"model.lora.target_modules: {missing} not found in the model "
                          f"(it has e.g. {sorted(p for p in present if p.endswith('proj'))})")
-    layers = None
-    if top_layers is not None:
-        depth = model.config.num_hidden_layers
-        if not 1 <= top_layers <= depth:
-            raise ValueError(f"top_layers must be between 1 and the model's {depth} layers, got {top_layers}")
-        layers = list(range(depth - top_layers, depth))
+    layers = None if top_layers is None else top_layer_indices(model.config.num_hidden_layers, top_layers)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      layers_to_transform=layers, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
