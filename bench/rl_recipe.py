@@ -406,7 +406,10 @@ def main() -> int:
     # measurement is keyed apart, so another eval tier or size reuses the weights.
     def digest(parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-    sft_key = digest([to_dict(base.model), to_dict(base.sft), to_dict(base.data), base.run.seed]
+    model_key = to_dict(base.model)
+    if not base.model.lora.top_layers:  # the knob's default keeps the starts trained before it existed
+        del model_key["lora"]["top_layers"]
+    sft_key = digest([model_key, to_dict(base.sft), to_dict(base.data), base.run.seed]
                      # another environment's start is another start (letter counting's keys stay)
                      + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))
     eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,

@@ -62,6 +62,7 @@ class LoraConfig:
     alpha: int = knob(64, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = knob(0.0, "Dropout on the LoRA input; 0 keeps rollouts and training identical.")
     target_modules: list = knob(DEFAULT_LORA_TARGETS, "Module names that get an adapter (all attention and MLP projections by default).")
+    top_layers: int = knob(0, "Adapters on the last N decoder layers only, so the backward stops at the lowest one (faster steps); 0 puts them on every layer.")
 
 
 @dataclass
@@ -232,6 +233,7 @@ _frac = (lambda v: 0 < v <= 1, "in (0, 1]")
 _diff = (lambda v: v >= 1, ">= 1 (tiers are numbered from 1)")
 RULES = {
     "model.lora.rank": _pos, "model.lora.alpha": _pos, "model.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.lora.top_layers": (lambda v: v >= 0, ">= 0 (0 puts adapters on every layer)"),
     "reward.format_bonus": _nonneg, "reward.overlong_buffer": _nonneg,
     "data.train_size": _pos, "data.eval_size": _pos,
     "sft.steps": _nonneg, "sft.batch_size": _pos, "sft.lr": _pos, "sft.warmup_steps": _nonneg,

@@ -37,6 +37,7 @@ def test_yaml_then_overrides(tmp_path):
     ("", ["grpo.lr=-1e-5"], r"grpo.lr=-1e-05 must be > 0"),
     ("", ["grpo.group_size=1"], r"grpo.group_size=1 must be >= 2"),
     ("", ["model.lora.rank=0"], r"model.lora.rank=0 must be > 0"),
+    ("", ["model.lora.top_layers=-1"], r"model.lora.top_layers=-1 must be >= 0 \(0 puts adapters on every layer\)"),
     ("", ["rollout.gpu_memory_utilization=1.5"], r"gpu_memory_utilization=1.5 must be in \(0, 1\]"),
     ("", ["rollout.gpu_memory_utilization=0"], r"gpu_memory_utilization=0.0 must be in \(0, 1\]"),
     ("", ["stages.0.difficulty=11"], r"stages.0.difficulty=11 must be in 1-10"),

@@ -64,8 +64,29 @@ def test_a_lora_rank_above_a_targets_smallest_side_is_refused_before_loading():
         models.check_model(cfg.model)
     cfg.model.lora.target_modules = ["q_proj", "gate_proj"]  # only the 64-wide ones: 33 fits
     models.check_model(cfg.model)
-    shape, _ = models.model_shape(models.TINY)
+    shape, _, depth = models.model_shape(models.TINY)
     assert shape["k_proj"] == 32 and shape["q_proj"] == 64 and shape["gate_proj"] == 64
+    assert depth == models.tiny_llama(64).config.num_hidden_layers
+
+
+def test_lora_top_layers_is_checked_against_the_depth_and_reaches_the_adapter():
+    from picorl.config import Config
+    cfg = Config()
+    cfg.model.name, cfg.model.device = models.TINY, "cpu"
+    depth = models.tiny_llama(64).config.num_hidden_layers
+    cfg.model.lora.top_layers = depth + 1
+    with pytest.raises(models.BadModelError, match=rf"model.lora.top_layers={depth + 1} is more layers than "
+                                                    rf"tiny-random-llama's {depth}; use 1 to {depth}"):
+        models.check_model(cfg.model)
+    cfg.model.lora.top_layers = 1
+    models.check_model(cfg.model)
+    model, _ = models.load_for_config(cfg)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {depth - 1}
+    cfg.model.lora.top_layers = 0  # every layer
+    model, _ = models.load_for_config(cfg)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == set(range(depth))
 
 
 def test_missing_model_says_what_and_where(tmp_path):
