@@ -25,7 +25,7 @@ import time
 import torch
 
 from bench.common import machine, machine_tag, print_profile, profile_top, write_result
-from picorl import data, models
+from picorl import base_matmuls, data, models
 from picorl.sft import SFTBatches, encode_records, sft_step, train_sft
 
 
@@ -55,6 +55,9 @@ def main() -> int:
                     help="add a row of random batches with the forward compiled (sft.compile), and its warm-up")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile 2 more steps of random batches and report their N most expensive operators")
+    ap.add_argument("--bf16-base", action="store_true",
+                    help="add a row of random batches with the frozen base weights' matmuls on bf16 copies "
+                         "(model.lora.base_dtype=bfloat16)")
     ap.add_argument("--lora-top-layers", type=int, nargs="+", default=[], metavar="N",
                     help="add a row of random batches per N with the adapter on the last N layers only")
     args = ap.parse_args()
@@ -80,6 +83,8 @@ def main() -> int:
     rows = {}
     variants = [("random", False, False, True, None), ("random_full", False, False, False, None),
                 ("by_length", True, False, True, None)]
+    if args.bf16_base:
+        variants.append(("random_bf16_base", False, False, True, None))
     if args.compile:
         variants.append(("random_compiled", False, True, False, None))
     variants += [(f"random_top{n}", False, False, True, n) for n in args.lora_top_layers]
@@ -87,6 +92,8 @@ def main() -> int:
         torch.manual_seed(0)
         model, _ = models.load_model(models.EMBEDDED, dtype=args.dtype)
         model = models.add_lora(model, rank=32, alpha=64, top_layers=top)
+        if name == "random_bf16_base":
+            base_matmuls.attach(model, torch.bfloat16)
         done_at = []  # train_sft reads each loss back (a sync), so the clock is honest on a GPU too
 
         def stamp(step, loss):
@@ -120,6 +127,9 @@ def main() -> int:
     for n in args.lora_top_layers:
         out[f"top{n}_speedup"] = round(rows["random"]["step_s"] / rows[f"random_top{n}"]["step_s"], 2)
         print(f"adapter on the last {n} layers: {out[f'top{n}_speedup']}x the steps/s of every layer's")
+    if args.bf16_base:
+        out["bf16_base_speedup"] = round(rows["random"]["step_s"] / rows["random_bf16_base"]["step_s"], 2)
+        print(f"frozen base matmuls on bf16 copies: {out['bf16_base_speedup']}x the steps/s of float32's")
     if args.compile:
         out["compiled_speedup"] = round(rows["random"]["step_s"] / rows["random_compiled"]["step_s"], 2)
         print(f"compiled (sft.compile): {out['compiled_speedup']}x the steps/s of eager random batches, "
@@ -131,7 +141,7 @@ def main() -> int:
           f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
           f"by length {out['by_length_speedup']}x the steps/s of random batches; the shared prefix run once "
           f"{out['shared_prefix_speedup']}x the steps/s of whole rows")
-    top = "".join(f"-top{n}" for n in args.lora_top_layers)  # kept apart from the every-layer runs' file
+    top = "".join(f"-top{n}" for n in args.lora_top_layers) + ("-bf16base" if args.bf16_base else "")  # kept apart from the plain runs' file
     write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}{top}", out)
     return 0
 

@@ -62,6 +62,7 @@ class LoraConfig:
     alpha: int = knob(64, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = knob(0.0, "Dropout on the LoRA input; 0 keeps rollouts and training identical.")
     target_modules: list = knob(DEFAULT_LORA_TARGETS, "Module names that get an adapter (all attention and MLP projections by default).")
+    base_dtype: str = knob("model", "The frozen base weights' matmuls while the adapter trains: bfloat16 runs them on bf16 copies (adapter, norms, attention and loss stay in the model's dtype; evals decode in it); auto picks bfloat16 for a float32 model on a CPU with AMX tiles; model keeps the model's dtype.")
     top_layers: int = knob(0, "Adapters on the last N decoder layers only, so the backward stops at the lowest one (faster steps); 0 puts them on every layer.")
 
 
@@ -224,6 +225,7 @@ CHOICES = {
     "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "rollout.dtype": ("model", "bfloat16", "auto"),
+    "model.lora.base_dtype": ("model", "bfloat16", "auto"),
     "grpo.algorithm": ("grpo", "dr_grpo", "dapo", "reinforce", "ppo"),
     "grpo.kl_reference": ("start", "base"),
 }
@@ -449,6 +451,10 @@ def validate(cfg: Config) -> None:
                           "SFT would end before its learning rate reached sft.lr")
     if cfg.rollout.hf_compile and cfg.rollout.hf_cache != "static":
         raise ConfigError(f"rollout.hf_compile=true needs rollout.hf_cache=static, got {cfg.rollout.hf_cache!r}")
+    if cfg.model.lora.base_dtype != "model" and not cfg.model.lora.enabled:
+        raise ConfigError(f"model.lora.base_dtype={cfg.model.lora.base_dtype} keeps bf16 copies of the frozen base "
+                          "weights; with model.lora.enabled=false every weight trains and a copy would go stale "
+                          "(set model.lora.base_dtype=model)")
     if cfg.rollout.dtype != "model" and cfg.rollout.engine != "graph":
         raise ConfigError(f"rollout.dtype={cfg.rollout.dtype} is the graph engine's; rollout.engine={cfg.rollout.engine} "
                           "decodes in the model's dtype (set rollout.dtype=model, or rollout.engine=graph)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from picorl.base_matmuls import trains_with_copies
 from picorl.batching import left_pad, left_pad_ids, positions, repeat_cache_rows, repeat_rows
 from picorl.head_logprobs import masked_logprobs, plain_head
 
@@ -82,6 +83,7 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+@trains_with_copies
 def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int = 0):
     """Log-probs of the completion tokens of a left-padded batch: returns (logp, mask), (batch, K).
 
@@ -104,6 +106,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int
     return logp * mask, mask
 
 
+@trains_with_copies
 def shared_prefix_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
                            owner: list[int], pad_id: int, chunk: int = 0, scored: list[list[int]] | None = None):
     """Log-probs of completion tokens, running each prompt once for all of its completions.

@@ -17,11 +17,15 @@ saved lse; d/d hidden = row @ W and d/d W += row^T hidden.
 
 Same math as log_softmax + gather, in the same dtypes (a bf16 head's logits go to float32
 before the log-sum-exp, as `at_least_float32` does): tests/test_grpo.py checks values and
-gradients in float64 and a resumed run's determinism (chunks run in a fixed order).
+gradients in float64 and a resumed run's determinism (chunks run in a fixed order). A
+weight of lower precision than the hidden states (the head's bf16 copy under
+`model.lora.base_dtype`, picorl/base_matmuls.py) multiplies the hidden states rounded to it.
 """
 from __future__ import annotations
 
 import torch
+
+from picorl.base_matmuls import low_weight
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,7 +40,7 @@ class _SelectedLogprobs(torch.autograd.Function):
         out = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk):
-            logits = (hidden[s:s + chunk] @ weight.T).to(acc)
+            logits = (hidden[s:s + chunk].to(weight.dtype) @ weight.T).to(acc)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -52,15 +56,14 @@ class _SelectedLogprobs(torch.autograd.Function):
         acc = lse.dtype
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, g_out = hidden[s:s + ctx.chunk], grad[s:s + ctx.chunk].to(acc)
-            logits = (h @ weight.T).to(acc)
+            logits = (h.to(weight.dtype) @ weight.T).to(acc)
             # d log p / d logits = onehot(target) - softmax, scaled by the incoming gradient
             g = torch.exp(logits - lse[s:s + ctx.chunk, None]).mul_(-g_out[:, None])
             g.scatter_add_(-1, targets[s:s + ctx.chunk, None], g_out[:, None])
-            g = g.to(hidden.dtype)
             if need_hidden:
-                grad_hidden[s:s + ctx.chunk] = g @ weight
+                grad_hidden[s:s + ctx.chunk] = g.to(weight.dtype) @ weight
             if need_weight:
-                grad_weight += g.T @ h
+                grad_weight += g.to(hidden.dtype).T @ h
         return grad_hidden, grad_weight, None, None
 
 
@@ -80,7 +83,7 @@ def plain_head(model) -> torch.Tensor | None:
     scaled = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
     if type(head) is not torch.nn.Linear or head.bias is not None or scaled:
         return None
-    return head.weight
+    return low_weight(head)  # its bf16 copy while model.lora.base_dtype's matmuls are on
 
 
 def masked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from picorl.base_matmuls import trains_with_copies
 from picorl.batching import left_pad, left_pad_ids, positions
 from picorl.data import messages_of
 from picorl.distributed import all_sum, rank_and_world, sum_gradients
@@ -116,6 +117,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, attn, left_pad([y for _, y in examples], -100)
 
 
+@trains_with_copies
 def sft_loss(model, ids, attn, labels, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy over the assistant tokens of a left-padded batch (mean or sum).
 
