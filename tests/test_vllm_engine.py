@@ -57,6 +57,32 @@ def test_vllm_matches_hf_greedy_with_and_without_adapter():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_vllm_follows_an_adapter_on_the_top_layers_only():
+    """model.lora.top_layers saves weights for some layers only; vLLM must apply them there
+    and leave the layers below as the base model."""
+    from picorl.rollout.vllm import VLLMEngine
+
+    torch.manual_seed(0)
+    model, tok = models.load_model(models.EMBEDDED, device="cpu", dtype="float32")
+    model = models.add_lora(model, rank=8, alpha=16, top_layers=10)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    prompts = [r["messages"] for r in data.eval_records(1, 4)]
+    hf = HFEngine(model, tok, progress=False)
+    engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), gpu_memory_utilization=0.6,
+                        max_model_len=1024, lora_rank=8, dtype="float32", progress=False)
+    engine.sync_weights(model)
+    tuned = greedy_agree(hf, engine, model, tok, prompts, "top-layers adapter")
+    with model.disable_adapter():
+        base = [g[0].token_ids for g in hf.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=MAX_TOKENS))]
+    assert tuned != base  # the adapter changed the decoding, and vLLM followed it
+    del engine
+    gc.collect()
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_pipeline_runs_with_the_vllm_engine(tmp_path):
     from picorl import pipeline, run_records, session
     from picorl.config import load_config
@@ -111,29 +137,3 @@ def test_vllm_full_finetuning_copies_the_weights_in_place():
     del engine
     gc.collect()
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_vllm_follows_an_adapter_on_the_top_layers_only():
-    """model.lora.top_layers saves weights for some layers only; vLLM must apply them there
-    and leave the layers below as the base model."""
-    from picorl.rollout.vllm import VLLMEngine
-
-    torch.manual_seed(0)
-    model, tok = models.load_model(models.EMBEDDED, device="cpu", dtype="float32")
-    model = models.add_lora(model, rank=8, alpha=16, top_layers=10)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    prompts = [r["messages"] for r in data.eval_records(1, 4)]
-    hf = HFEngine(model, tok, progress=False)
-    engine = VLLMEngine(model, tok, model_path=str(models.embedded_model_dir()), gpu_memory_utilization=0.3,
-                        max_model_len=1024, lora_rank=8, dtype="float32", progress=False)
-    engine.sync_weights(model)
-    tuned = greedy_agree(hf, engine, model, tok, prompts, "top-layers adapter")
-    with model.disable_adapter():
-        base = [g[0].token_ids for g in hf.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=MAX_TOKENS))]
-    assert tuned != base  # the adapter changed the decoding, and vLLM followed it
-    del engine
-    gc.collect()
