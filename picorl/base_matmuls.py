@@ -17,8 +17,9 @@ with the engines, which read the float32 weights, so a run's reported figures ar
 `picorl eval` of its adapter gives.
 
 Worked example of what rounds: a weight 0.123456 is held as 0.123535 (8 significant bits);
-an input 1.00390625 as 1.0; each product carries a relative error below 2 x 2^-9, and the
-float32 sum of 576 of them is far more exact than any one of them.
+an input 1.00390625 as 1.0 (a tie, to even). Each operand moves by at most 2^-8 of itself,
+so each product by at most about 2 x 2^-8; the sum over 576 of them accumulates in float32,
+and errors of either sign partly cancel.
 """
 from __future__ import annotations
 
