@@ -42,7 +42,7 @@ import torch
 from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl import data
 from picorl.checkpoint import load_trained_weights, trained_weights
-from picorl.config import ConfigError, load_config, to_dict
+from picorl.config import ConfigError, LoraConfig, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
 from picorl.envs.letter_counting import LetterCounting, chain_counts, spelling_reward
@@ -204,6 +204,9 @@ def run_grpo(model, tok, cfg, train_sets: dict[int, list[dict]], reward_fn=None)
 
 
 PACE_STEPS = 10  # more_sft's first steps, timed to size the rest
+# model.lora knobs added after SFT starts were first cached, with their defaults: a start key
+# leaves them out at those defaults, so a start trained before them is still found.
+LATER_LORA_KNOBS = {k: getattr(LoraConfig(), k) for k in ("top_layers", "base_dtype")}
 
 
 def steps_for_budget(budget_s: float, done: int, spent_s: float) -> int:
@@ -407,8 +410,9 @@ def main() -> int:
     def digest(parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     model_key = to_dict(base.model)
-    if not base.model.lora.top_layers:  # the knob's default keeps the starts trained before it existed
-        del model_key["lora"]["top_layers"]
+    for knob, default in LATER_LORA_KNOBS.items():
+        if model_key["lora"][knob] == default:
+            del model_key["lora"][knob]
     sft_key = digest([model_key, to_dict(base.sft), to_dict(base.data), base.run.seed]
                      # another environment's start is another start (letter counting's keys stay)
                      + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))

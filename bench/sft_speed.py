@@ -141,8 +141,8 @@ def main() -> int:
           f"{len(records)} demonstrations once {out['encode_s']} s ({out['encode_ms_per_record']} ms each); "
           f"by length {out['by_length_speedup']}x the steps/s of random batches; the shared prefix run once "
           f"{out['shared_prefix_speedup']}x the steps/s of whole rows")
-    top = "".join(f"-top{n}" for n in args.lora_top_layers) + ("-bf16base" if args.bf16_base else "")  # kept apart from the plain runs' file
-    write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}{top}", out)
+    extra = "".join(f"-top{n}" for n in args.lora_top_layers) + ("-bf16base" if args.bf16_base else "")  # kept apart from the plain runs' file
+    write_result(f"sft-speed-{machine_tag(out['machine'])}-{args.batch_size}-{args.dtype}{extra}", out)
     return 0
 
 

@@ -134,12 +134,8 @@ def rollout_dtype(setting: str, model) -> torch.dtype | None:
 
 def base_matmul_dtype(setting: str, model) -> torch.dtype | None:
     """The dtype of the frozen base weights' matmuls for `model.lora.base_dtype`; None keeps the
-    model's own. Only a float32 model has anything to gain."""
-    if next(model.parameters()).dtype != torch.float32:
-        return None
-    if setting == "bfloat16" or (setting == "auto" and next(model.parameters()).device.type == "cpu" and has_amx()):
-        return torch.bfloat16
-    return None
+    model's own. Its settings read as rollout.dtype's; only a float32 model has anything to gain."""
+    return rollout_dtype(setting, model) if next(model.parameters()).dtype == torch.float32 else None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -358,7 +354,7 @@ def load_for_config(cfg, adapter: str | Path | None = None):
         torch.manual_seed(cfg.run.seed)
         model = add_lora(model, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
                          target_modules=m.lora.target_modules, top_layers=m.lora.top_layers or None)
-    low = base_matmul_dtype(m.lora.base_dtype, model) if m.lora.enabled or adapter is not None else None
+    low = base_matmul_dtype(m.lora.base_dtype, model)  # config validation keeps it "model" without LoRA
     if low is not None:
         from picorl import base_matmuls
         base_matmuls.attach(model, low)

@@ -27,10 +27,14 @@ def test_lora_wraps_all_projections_and_trains_only_the_adapter(tiny_model):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def adapted_layers(model) -> set[int]:
+    """The decoder layers whose parameters train (an adapter's)."""
+    return {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_lora_on_the_top_layers_only_leaves_the_layers_below_without_gradients(tokenizer):
     model = models.add_lora(models.tiny_llama(len(tokenizer), num_hidden_layers=3), rank=4, alpha=8, top_layers=2)
-    adapted = {int(n.split("layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
-    assert adapted == {1, 2}
+    assert adapted_layers(model) == {1, 2}
     for module in model.modules():  # B starts at zero: give the adapters an effect to backpropagate
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B["default"].weight)
@@ -81,12 +85,10 @@ def test_lora_top_layers_is_checked_against_the_depth_and_reaches_the_adapter():
     cfg.model.lora.top_layers = 1
     models.check_model(cfg.model)
     model, _ = models.load_for_config(cfg)
-    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
-    assert adapted == {depth - 1}
+    assert adapted_layers(model) == {depth - 1}
     cfg.model.lora.top_layers = 0  # every layer
     model, _ = models.load_for_config(cfg)
-    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
-    assert adapted == set(range(depth))
+    assert adapted_layers(model) == set(range(depth))
 
 
 def test_missing_model_says_what_and_where(tmp_path):
