@@ -62,7 +62,7 @@ class LoraConfig:
     alpha: int = knob(64, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = knob(0.0, "Dropout on the LoRA input; 0 keeps rollouts and training identical.")
     target_modules: list = knob(DEFAULT_LORA_TARGETS, "Module names that get an adapter (all attention and MLP projections by default).")
-    base_dtype: str = knob("model", "The frozen base weights' matmuls while the adapter trains: bfloat16 runs them on bf16 copies (adapter, norms, attention and loss stay in the model's dtype; evals decode in it); auto picks bfloat16 for a float32 model on a CPU with AMX tiles; model keeps the model's dtype.")
+    base_dtype: str = knob("model", "The frozen base weights' matmuls while the adapter trains: bfloat16 runs them on bf16 copies (adapter, norms, attention and loss stay in the model's dtype; evals decode in it); auto picks bfloat16 for a float32 model on a CPU with bf16 matrix instructions (AMX or AVX512-BF16); model keeps the model's dtype.")
     top_layers: int = knob(0, "Adapters on the last N decoder layers only, so the backward stops at the lowest one (faster steps); 0 puts them on every layer.")
 
 
@@ -130,7 +130,7 @@ class RolloutConfig:
     dtype: str = knob("model", "graph: the dtype of the engine's weight copy and KV cache. model: the training model's; "
                       "bfloat16: bf16 copies of float32 weights (rollouts sample the policy rounded to bf16, as vLLM "
                       "serves a float32-trained one; the loss still scores them in float32), 1.95x the tokens/s on a "
-                      "2-core CPU with AMX tiles (bench.rollout); auto: bfloat16 on a CPU with AMX tiles, the model's elsewhere. "
+                      "2-core CPU with AMX tiles (bench.rollout); auto: bfloat16 on a CPU with bf16 matrix instructions (AMX or AVX512-BF16), the model's elsewhere. "
                       "Evals decode in the model's dtype.")
     gpu_memory_utilization: float = knob(0.3, "vLLM: fraction of GPU memory (of RAM on CPU) it may take, in (0, 1].")
     max_model_len: int = knob(2048, "vLLM: longest prompt + completion in tokens.")

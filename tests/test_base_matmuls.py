@@ -84,7 +84,7 @@ def test_the_setting_picks_bf16_for_a_float32_model_and_is_refused_for_full_fine
     model = models.tiny_llama(len(tokenizer))
     assert models.base_matmul_dtype("model", model) is None
     assert models.base_matmul_dtype("bfloat16", model) is BF16
-    assert models.base_matmul_dtype("auto", model) is (BF16 if models.has_amx() else None)
+    assert models.base_matmul_dtype("auto", model) is (BF16 if models.has_bf16_matmul() else None)
     assert models.base_matmul_dtype("bfloat16", model.to(BF16)) is None  # nothing to gain
     with pytest.raises(ConfigError, match="model.lora.base_dtype=bfloat16 keeps bf16 copies .* "
                                           "model.lora.enabled=false"):

@@ -117,7 +117,7 @@ def test_the_config_picks_the_engines_dtype(tiny_model, tokenizer):
     from picorl.config import ConfigError, load_config
     from picorl.session import engine_for_config, eval_engine
     for setting, want in [("model", torch.float32), ("bfloat16", torch.bfloat16),
-                          ("auto", torch.bfloat16 if models.has_amx() else torch.float32)]:
+                          ("auto", torch.bfloat16 if models.has_bf16_matmul() else torch.float32)]:
         cfg = load_config(None, ["rollout.engine=graph", f"rollout.dtype={setting}"])
         assert engine_for_config(cfg, tiny_model, tokenizer, progress=False).dec.dtype == want
         # Evals score the weights as saved, whatever rollouts sample in.

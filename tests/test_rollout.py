@@ -113,6 +113,32 @@ def test_inverse_cdf_never_picks_a_zero_probability_token():
     assert sample_inverse_cdf(probs, torch.tensor([0.3, 0.49])).flatten().tolist() == [2, 0]
 
 
+def test_two_level_inverse_cdf_picks_what_one_running_sum_over_the_vocabulary_picks():
+    # The block masses and the running sum inside a block are float64 sums of the same float32
+    # probabilities as one whole-vocabulary float64 running sum, in another order: they differ
+    # by ~1e-16 of the total, so a draw could land on another token only within that of a
+    # boundary, about 1e-13 of 20,000 uniform draws. 600 entries: two full blocks of 256 and
+    # a padded third, the middle block all zeros; a draw exactly at the first block's mass
+    # must skip it to the first non-zero entry after it.
+    from picorl.rollout.sampling import BLOCK, sample_inverse_cdf
+
+    torch.manual_seed(0)
+    probs = torch.rand(20, 600) * (torch.rand(20, 600) < 0.5)
+    probs[:, BLOCK:2 * BLOCK] = 0
+    probs[:, 2 * BLOCK:2 * BLOCK + 3] = 0
+    for _ in range(1000):
+        uniform = torch.rand(20)
+        cdf = probs.double().cumsum(-1)
+        u = torch.minimum(uniform.double()[:, None] * cdf[:, -1:], torch.nextafter(cdf[:, -1:], torch.zeros(1).double()))
+        want = torch.searchsorted(cdf, u, right=True)
+        assert torch.equal(sample_inverse_cdf(probs, uniform), want)
+    # Exact in binary: the first block holds half the mass, so uniform 0.5 lands on its edge.
+    edge = torch.zeros(1, 600)
+    edge[0, :BLOCK] = 1 / BLOCK
+    edge[0, 2 * BLOCK + 3] = edge[0, 2 * BLOCK + 4] = 0.5
+    assert sample_inverse_cdf(edge, torch.tensor([0.5])).item() == 2 * BLOCK + 3
+
+
 def test_inverse_cdf_of_nan_probabilities_stays_inside_the_vocabulary():
     # A model whose weights went NaN: an index past the vocabulary would be a device-side assert
     # on a GPU (the gather of its log-prob), which ends the process's CUDA context.

@@ -136,9 +136,18 @@ class GraphEngine:
         current, positions, pad, done = st.current[:rows], st.positions[:rows], st.pad[:rows], st.done[:rows]
         tokens, logprobs = st.tokens[:rows], st.logprobs[:rows]
 
+        eager = not self.use_graphs and not self.compile_step
+
         def step():
-            visible = (st.all_columns >= pad[:, None]) & (st.all_columns <= st.column)  # (rows, S)
-            hidden = dec.forward(current[:, None], positions[:, None], cache, st.column, visible[:, None, None])
+            # A graph reads all S columns (fixed shapes); eagerly a step reads only the columns
+            # written so far. The cache is sized for the longest completion, so in a d3
+            # rollout (~150 prompt columns, completions of ~35 of 96 tokens, S = 256) about a
+            # third of its columns are still empty, and attention reads every column it gets.
+            width = int(st.column) + 1 if eager else st.columns
+            columns = st.all_columns[:width]
+            visible = (columns >= pad[:, None]) & (columns <= st.column)  # (rows, width)
+            hidden = dec.forward(current[:, None], positions[:, None], cache[..., :width, :], st.column,
+                                 visible[:, None, None])
             tok, lp = self._pick(dec.logits(hidden[:, -1]), greedy, nucleus, st, draws, mixed)
             tok = torch.where(done, self.pad_id, tok)
             tokens.index_copy_(1, st.step, tok[:, None])
@@ -237,7 +246,8 @@ class GraphEngine:
         run = self._runner(st, rows, greedy, nucleus, mixed)  # captured before the state is filled: capture runs it
         prompt_cache, last_logits = self._prefill([rows_ids[r] for r in distinct])
         index = torch.tensor(local, device=dev)
-        st.cache[:, :, :n, :, :width].copy_(prompt_cache[:, :, index])
+        for row, prompt in enumerate(local):  # row by row: a gathered copy of them all is a second cache
+            st.cache[:, :, row, :, :width].copy_(prompt_cache[:, :, prompt])
         st.cache[:, :, n:rows].zero_()
         lengths = torch.tensor([len(r) for r in rows_ids], device=dev)
         st.pad[:n], st.pad[n:rows] = width - lengths, 0
@@ -295,8 +305,12 @@ class GraphEngine:
                 for i in done.nonzero().squeeze(1).tolist():  # st.slots[i]: the chunk row slot i holds
                     kept[int(st.slots[i])] = (st.tokens[i, :steps].tolist(), st.logprobs[i, :steps].tolist())
                 active, columns = len(live), int(st.column)
-                # gathered before written: the right sides are copies, so live rows may move onto each other
-                st.cache[:, :, :active, :, :columns] = st.cache[:, :, live, :, :columns]
+                # Row by row, in place: live rows are in ascending order and each moves to a slot
+                # at or before its own, so no row is overwritten before it has moved. (A gathered
+                # copy would allocate and fill a second cache at every compaction.)
+                for slot, row in enumerate(live.tolist()):
+                    if slot != row:
+                        st.cache[:, :, slot, :, :columns].copy_(st.cache[:, :, row, :, :columns])
                 for buf in (st.tokens, st.logprobs):
                     buf[:active, :steps] = buf[live, :steps]
                 for buf in (st.current, st.positions, st.pad, st.done, st.slots, st.greedy_rows):
