@@ -122,8 +122,7 @@ def has_bf16_matmul() -> bool:
     float32's GFLOP/s, 2,100 against 280 at 1350 x 576 x 1536) or AVX512-BF16 dot products (a
     2-core AMD EPYC: 1.83x an SFT step, about 1.6x a GRPO rollout). Without either, bf16 is
     emulated and gains little or loses."""
-    cpu = torch.cpu
-    return any(bool(getattr(cpu, probe, lambda: False)())
+    return any(bool(getattr(torch.cpu, probe, lambda: False)())
                for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 

@@ -81,6 +81,7 @@ def test_vllm_follows_an_adapter_on_the_top_layers_only():
     del engine
     gc.collect()
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_runs_with_the_vllm_engine(tmp_path):
