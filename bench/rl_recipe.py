@@ -2,6 +2,7 @@
 
     python -m bench.rl_recipe --config configs/default.yaml --arms binary partial overlong_filter
     python -m bench.rl_recipe --config configs/default.yaml --arms more_sft      # GRPO's minutes spent on SFT
+    python -m bench.rl_recipe --arms greedy_member --start-adapter results/RUN/sft_adapter  # from a run's SFT
 
 One SFT (the config's, from its seeded adapter) is the start of every arm. Each GRPO arm
 restores that adapter, takes a fresh optimizer and runs the config's stages with its own
@@ -10,7 +11,9 @@ the same run instead (same optimizer, batches drawn as the longer SFT would draw
 honest reference for whether RL is the better use of the time. Its step count is those
 seconds at the pace of its own first steps, timed in this process (a start made in another
 process or session stepped at that one's speed); `--more-sft-steps N` gives the count
-instead (the row records the seconds it took).
+instead (the row records the seconds it took). `--start-adapter DIR` starts the arms from a
+saved adapter instead of SFT (an exported run's sft_adapter: its arms then compare with that
+run's own GRPO, from the same weights on the same held-out items).
 
 Every arm is measured on the same held-out items as its start: greedy exact (the eval
 the pipeline reports), and sampled accuracy and pass@k at the rollout temperature, since
@@ -38,6 +41,8 @@ import time
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl import data
@@ -93,6 +98,17 @@ ARMS = {
     "wide_member": ("greedy_member over 16 tasks x 2 samples an update: as many samples, twice the words",
                     ["reward.kind=binary", "grpo.lr=1e-4", "grpo.greedy_member=true",
                      "grpo.tasks_per_update=16", "grpo.group_size=2"]),
+    # The other way round (4 tasks x 8 samples, each with its greedy answer): as many rows an
+    # update, half the words. Greedy moves where a sample beats it; with 8 samples a task
+    # whose samples are right 30% of the time shows a right one 94% of the time, with 4 76%.
+    "deep_member": ("greedy_member over 4 tasks x 8 samples an update: as many samples, half the words",
+                    ["reward.kind=binary", "grpo.lr=1e-4", "grpo.greedy_member=true",
+                     "grpo.tasks_per_update=4", "grpo.group_size=8"]),
+    # The default's 60 updates at twice the peak rate, decaying to 0 by the last (cosine: the
+    # same mean rate as 1e-4 constant): GRPO gains 27-46 items from a 369-step start and loses
+    # 11-20, greedy answers near a decision that the last updates' full-rate steps tip either way.
+    "member_cosine": ("greedy_member at 2e-4 decaying to 0 (cosine) over its 60 updates: the same mean rate, calm last steps",
+                      ["reward.kind=binary", "grpo.lr=2e-4", "grpo.lr_schedule=cosine", "grpo.greedy_member=true"]),
     "kl": ("binary + KL 0.1 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.1"]),
     "kl_strong": ("binary + KL 0.5 to the SFT start", ["reward.kind=binary", "grpo.kl_coef=0.5"]),
     "balanced": ("binary, GRPO's prompts ask letters balanced over absent / once / more (all ones right on 20% at d3, not 35%)",
@@ -117,6 +133,21 @@ ARMS = {
     "more_sft": ("no GRPO: the median GRPO arm's seconds spent on more SFT", []),
 }
 
+
+
+ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes, and an export's sft_adapter holds
+
+
+def load_start_adapter(model, folder) -> None:
+    """Every LoRA weight of the adapter in `folder` into the model's adapter. peft loads what
+    matches and reports the rest, so an adapter on other layers would start a run half from it,
+    half from the seeded init: refused, naming a key. Another rank fails in torch's copy."""
+    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_FILE)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        extra = f"{len(result.unexpected_keys)} weights this model's adapter lacks ({result.unexpected_keys[:1]})"
+        lacks = f"{len(missing)} of its adapter's weights not there ({missing[:1]})"
+        raise ValueError(f"{folder}: {extra}, {lacks}")
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -360,12 +391,23 @@ def main() -> int:
     ap.add_argument("--more-sft-steps", type=int, default=None, metavar="N",
                     help="more_sft trains exactly N more SFT steps instead of filling the median GRPO arm's "
                          "seconds at the pace of its own first steps")
+    ap.add_argument("--start-adapter", default=None, metavar="DIR",
+                    help="start every arm from this LoRA adapter (a folder with adapter_model.safetensors, e.g. "
+                         "an export's sft_adapter) instead of the config's SFT; more_sft then has no SFT to go on")
     ap.add_argument("--seed", type=int, default=None,
                     help="the GRPO arms' run.seed (their tasks and samples) from the same SFT start, which keeps the "
                          "config's seed: another draw of the same arms; the result file's name says it")
     args = ap.parse_args()
     if args.more_sft_steps is not None and args.more_sft_steps < 1:
         print(f"error: --more-sft-steps must be >= 1, got {args.more_sft_steps}", file=sys.stderr)
+        return 2
+    adapter_file = Path(args.start_adapter or ".") / ADAPTER_FILE
+    if args.start_adapter and not adapter_file.is_file():
+        print(f"error: --start-adapter {args.start_adapter}: no {ADAPTER_FILE} there", file=sys.stderr)
+        return 2
+    if args.start_adapter and "more_sft" in args.arms:
+        print("error: more_sft continues the config's SFT, which --start-adapter skips: leave it out of --arms",
+              file=sys.stderr)
         return 2
     # An arm's seed moves its draws only: SFT, the start's adapter and the eval's samples stay
     # the config's, so the arms of several seeds are compared with one start item by item.
@@ -389,7 +431,8 @@ def main() -> int:
     train_sets = {a: {d: data.train_records(d, c.data.train_size, seed=c.data.seed, env=env_of(c)) for d in env.tiers
                       if any(d in Curriculum.for_stage(s).reachable() for s in c.stages)}
                   for a, c in arm_cfgs.items()}
-    out = {"machine": machine(), "config": {"config": args.config, "sets": args.set, "arm_seed": args.seed}, "eval": {
+    out = {"machine": machine(), "config": {"config": args.config, "sets": args.set, "arm_seed": args.seed,
+                                           "start_adapter": args.start_adapter}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
     seed_tag = f"-seed{args.seed}" if args.seed is not None else ""
     stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}{seed_tag}"
@@ -416,12 +459,23 @@ def main() -> int:
     sft_key = digest([model_key, to_dict(base.sft), to_dict(base.data), base.run.seed]
                      # another environment's start is another start (letter counting's keys stay)
                      + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))
+    if args.start_adapter:  # a given adapter is the start: its bytes are the key
+        sft_key = "adapter-" + hashlib.sha256(adapter_file.read_bytes()).hexdigest()[:12]
     eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,
                        args.eval_size])
     start_dir = Path(args.start_dir) / sft_key
     weights_file, sft_file, start_file = (start_dir / "weights.pt", start_dir / "sft.json",
                                           start_dir / f"start-{eval_key}.json")
-    if weights_file.is_file() and sft_file.is_file():
+    if args.start_adapter:
+        try:
+            load_start_adapter(model, args.start_adapter)
+        except (ValueError, RuntimeError) as e:  # another rank, other layers, another model
+            print(f"error: --start-adapter {e}", file=sys.stderr)
+            return 2
+        sft_s = None
+        start_dir.mkdir(parents=True, exist_ok=True)
+        print(f"start: the adapter in {args.start_adapter}", flush=True)
+    elif weights_file.is_file() and sft_file.is_file():
         saved = torch.load(weights_file, weights_only=True)
         load_trained_weights(model, saved["weights"])
         sft_opt.load_state_dict(saved["optimizer"])
@@ -446,13 +500,13 @@ def main() -> int:
         elif not fresh_set:
             start.pop("fresh", None)  # the result file's start holds what this run's arms are compared on
     else:
-        start = {"sft_seconds": round(sft_s, 1),
+        start = {"sft_seconds": None if sft_s is None else round(sft_s, 1), "adapter": args.start_adapter,
                  **measure(model, tok, base, eval_set, args.k, seed=base.run.seed + 17, fresh=fresh_set)}
         atomic_write_text(start_file, json.dumps(start))
     start_weights = trained_weights(model)
     start_opt = copy.deepcopy(sft_opt.state_dict())
     out["start"] = start
-    print(f"after SFT: greedy {start['greedy']['exact']:.1%}" +
+    print(f"{'the given adapter' if args.start_adapter else 'after SFT'}: greedy {start['greedy']['exact']:.1%}" +
           (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{start['sampled']['k']} "
            f"{start['sampled']['pass_at_k']:.1%}" if "sampled" in start else ""), flush=True)
 

@@ -143,7 +143,9 @@ class GRPOConfig:
     group_size: int = knob(8, "Completions sampled per task: the k of a group.")
     lr: float = knob(1e-5, "Learning rate of the policy update.")
     weight_decay: float = knob(0.0, "AdamW weight decay.")
-    warmup_updates: int = knob(0, "Updates of linear learning-rate warmup; constant afterwards.")
+    warmup_updates: int = knob(0, "Updates of linear learning-rate warmup; then as grpo.lr_schedule says.")
+    lr_schedule: str = knob("constant", "constant, or decaying to 0 by the last update of all stages: cosine or "
+                            "linear (the last updates then take small steps).")
     eps_low: float = knob(0.2, "Lower clip range of the ratio (1 - eps_low).")
     eps_high: float | None = knob(None, "Upper clip range of the ratio (1 + eps_high); null: 0.28 for dapo (clip-higher), else 0.2.")
     kl_coef: float = knob(0.0, "Weight of the KL penalty to the reference policy (grpo.kl_reference); 0 skips it.")
@@ -222,6 +224,7 @@ CHOICES = {
     "model.attention": ("grouped_sdpa", "sdpa", "eager"),
     "reward.kind": ("binary", "partial"),
     "sft.lr_schedule": ("constant", "cosine", "linear"),
+    "grpo.lr_schedule": ("constant", "cosine", "linear"),
     "rollout.engine": ("hf", "graph", "vllm"),
     "rollout.hf_cache": ("dynamic", "static"),
     "rollout.dtype": ("model", "bfloat16", "auto"),

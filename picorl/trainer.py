@@ -27,6 +27,7 @@ from picorl.faults import fault_point
 from picorl.grpo import (ALGORITHMS, group_advantages, kl_penalty, overlong_penalty, policy_loss,
                          shared_prefix_logprobs, token_logprobs)
 from picorl.rollout import Completion, Sampling, samples_and_greedy
+from picorl.sft import sft_lr
 
 # (reward, fully correct, formatted) of one completion on its record.
 RewardFn = Callable[[Completion, dict], tuple[float, bool, bool]]
@@ -93,9 +94,12 @@ class GRPOTrainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=g.lr, weight_decay=g.weight_decay)
-        warm = max(g.warmup_updates, 0)
+        # SFT's warmup-then-decay shape as a factor of grpo.lr, over every stage's updates: a
+        # function of the update number alone, so a resumed run sets the rate an unbroken one would.
+        updates = sum(s.updates for s in cfg.stages)
+        warm, schedule = max(g.warmup_updates, 0), g.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+            self.optimizer, lambda s: sft_lr(s, updates, 1.0, schedule, warm))
         self.env = env_of(cfg)
         self.reward_fn = reward_fn or env_reward(self.env, cfg.reward.kind, cfg.reward.format_bonus)
         self.step = 0  # global update number: updates done so far

@@ -251,6 +251,66 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "more_sft", "--more-sft-steps", "0", *common],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert bad.returncode == 2 and "--more-sft-steps must be >= 1, got 0" in bad.stderr
+    # A start given as an adapter folder (an export's sft_adapter): no SFT, the start kept
+    # under its own key, the arms compared against it as against an SFT start.
+    from picorl.config import load_config
+    from picorl.models import load_for_config
+    given, _ = load_for_config(load_config(smoke))
+    given.save_pretrained(tmp_path / "given")
+    fifth = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--arms", "binary", *common, "--tag=-given",
+                            "--start-adapter", str(tmp_path / "given")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+    assert fifth.returncode == 0, fifth.stdout[-2000:] + fifth.stderr[-3000:]
+    assert "start: the adapter in" in fifth.stdout and "SFT 3 x 2" not in fifth.stdout
+    assert "SFT start from" not in fifth.stdout
+    (given_start,) = (tmp_path / "start").glob("adapter-*/start-*.json")
+    (given_out,) = (tmp_path / "res").glob("rl_recipe-*-smoke-given.json")
+    given_out = json.loads(given_out.read_text())
+    assert given_out["config"]["start_adapter"] == str(tmp_path / "given")
+    assert given_out["start"] == json.loads(given_start.read_text()) and given_out["start"]["sft_seconds"] is None
+    assert given_out["rows"]["binary"]["greedy"]["n"] == 4
+
+
+def test_start_adapter_loads_every_lora_weight_or_refuses(tmp_path):
+    """--start-adapter's weights are the arms' start, all of them: an adapter saved by peft
+    (as an export's sft_adapter is) loads tensor for tensor; one on other layers or of another
+    rank is refused rather than half loaded over the seeded init."""
+    from bench.rl_recipe import load_start_adapter
+    from picorl.checkpoint import trained_weights
+    from picorl.config import load_config
+    from picorl.models import load_for_config
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    trained, _ = load_for_config(load_config(smoke))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_()  # unlike the seeded init (its lora_B is zero)
+    trained.save_pretrained(tmp_path / "trained")
+    model, _ = load_for_config(load_config(smoke))
+    want, before = trained_weights(trained), trained_weights(model)
+    assert not any(torch.equal(want[n], before[n]) for n in want)
+    load_start_adapter(model, tmp_path / "trained")
+    got = trained_weights(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    fewer, _ = load_for_config(load_config(smoke, ["model.lora.target_modules=[q_proj, v_proj]"]))
+    fewer.save_pretrained(tmp_path / "fewer")
+    with pytest.raises(ValueError, match="of its adapter's weights not there"):
+        load_start_adapter(model, tmp_path / "fewer")
+    wider, _ = load_for_config(load_config(smoke, ["model.lora.rank=8"]))
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_start_adapter(model, tmp_path / "wider")
+    # The command refuses a folder without an adapter, and more_sft (it continues an SFT that
+    # a given start skipped), before any model loads.
+    for argv, message in ((["--start-adapter", str(tmp_path)], "no adapter_model.safetensors there"),
+                          (["--start-adapter", str(tmp_path / "trained"), "--arms", "more_sft"],
+                           "more_sft continues the config's SFT")):
+        bad = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--config", smoke, *argv,
+                              "--results-dir", str(tmp_path / "res")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "res").exists()
 
 
 def test_more_sft_fills_its_budget_at_the_pace_of_its_first_steps():

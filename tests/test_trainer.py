@@ -277,6 +277,22 @@ def test_checkpoint_round_trip_gives_bit_identical_next_steps(tokenizer, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(weights_straight, resumed.params))
 
 
+def test_grpo_lr_schedule_decays_over_every_stages_updates(tokenizer):
+    """grpo.lr_schedule takes SFT's shape over all stages' updates (3 + 2 here), after the warmup:
+    warmup 1 -> the full rate at update 1, then cosine over the 4 left, progress 0, 1/4, 1/2, 3/4."""
+    trainer, _ = make(tokenizer, "grpo.lr_schedule=cosine", "grpo.warmup_updates=1",
+                      "stages=[{difficulty: 1, updates: 3}, {difficulty: 2, updates: 2}]")
+    rates = []
+    for _ in range(5):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.update(RECORDS)
+    half = 0.003 / 2
+    assert rates == pytest.approx([0.003, 0.003, half * (1 + math.cos(math.pi / 4)), half,
+                                   half * (1 + math.cos(3 * math.pi / 4))])
+    constant, _ = make(tokenizer)  # the default: the same rate at every update
+    assert [constant.update(RECORDS)["lr"] for _ in range(3)] == [0.003] * 3
+
+
 def test_checkpoints_are_atomic_and_pruned(tokenizer, tmp_path, monkeypatch):
     trainer, _ = make(tokenizer)
     for step in (1, 2, 3):
