@@ -12,7 +12,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine_tag(name: str) -> str:
     """A file-name-safe short form of a machine name."""
-    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
 
 
 def write_result(stem: str, out: dict, folder: Path = RESULTS) -> Path:
