@@ -96,10 +96,11 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=g.lr, weight_decay=g.weight_decay)
         # SFT's warmup-then-decay shape as a factor of grpo.lr, over every stage's updates: a
         # function of the update number alone, so a resumed run sets the rate an unbroken one would.
-        updates = sum(s.updates for s in cfg.stages)
+        # Held at the last update's rate past the budget (a decay must not turn back up or below 0).
+        last = max(sum(s.updates for s in cfg.stages) - 1, 0)
         warm, schedule = max(g.warmup_updates, 0), g.lr_schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: sft_lr(s, updates, 1.0, schedule, warm))
+            self.optimizer, lambda s: sft_lr(min(s, last), last + 1, 1.0, schedule, warm))
         self.env = env_of(cfg)
         self.reward_fn = reward_fn or env_reward(self.env, cfg.reward.kind, cfg.reward.format_bonus)
         self.step = 0  # global update number: updates done so far

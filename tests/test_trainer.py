@@ -289,6 +289,9 @@ def test_grpo_lr_schedule_decays_over_every_stages_updates(tokenizer):
     half = 0.003 / 2
     assert rates == pytest.approx([0.003, 0.003, half * (1 + math.cos(math.pi / 4)), half,
                                    half * (1 + math.cos(3 * math.pi / 4))])
+    for _ in range(2):  # past the stages' budget the rate stays the last update's (cosine would turn back up)
+        trainer.update(RECORDS)
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
     constant, _ = make(tokenizer)  # the default: the same rate at every update
     assert [constant.update(RECORDS)["lr"] for _ in range(3)] == [0.003] * 3
 
