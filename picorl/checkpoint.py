@@ -68,16 +68,39 @@ def load_model_weights(model, folder: Path) -> None:
     if not f.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {'adapter' if _is_peft(model) else 'model'} weights ({f})")
     device = str(next(model.parameters()).device)
-    try:
-        if _is_peft(model):
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model, load_file(str(f), device=device))
-        else:
-            from safetensors.torch import load_model
-            load_model(model, str(f), device=device)
+    if _is_peft(model):
+        load_adapter_file(model, f, device)
+        return
+    from safetensors.torch import load_model
+    try:  # strict: a missing or extra tensor raises, as load_adapter_file's check does for an adapter
+        load_model(model, str(f), device=device)
     except Exception as e:  # safetensors' own errors name no file
         raise CheckpointDamaged(f"cannot read {f}: {e}") from None
+
+
+class AdapterMismatch(ValueError):
+    """An adapter file whose LoRA weights are not the model's adapter's (other layers or modules)."""
+
+
+def load_adapter_file(model, f: Path, device: str = "cpu") -> None:
+    """Every LoRA weight of the peft adapter file `f` (adapter_model.safetensors) into the
+    model's adapter, or AdapterMismatch naming a key. peft's set_peft_model_state_dict loads
+    what matches and only reports the rest, so an adapter saved on other modules (say q_proj
+    and v_proj where the model has seven) would leave the model half loaded and half at its
+    seeded init, training or serving on without a word. Another rank fails in torch's copy
+    (its size mismatch names the tensor)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(f), device=device)
+    except Exception as e:  # safetensors' own errors name no file
+        raise CheckpointDamaged(f"cannot read {f}: {e}") from None
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]  # the base weights are never in an adapter file
+    if result.unexpected_keys or missing:
+        raise AdapterMismatch(f"{f} is not this model's adapter: {len(result.unexpected_keys)} weights the model's "
+                              f"adapter lacks ({result.unexpected_keys[:1]}), {len(missing)} of its weights not in "
+                              f"the file ({missing[:1]}); was it saved with other model.lora settings?")
 
 
 class CheckpointDamaged(RuntimeError):

@@ -406,6 +406,26 @@ class PickledThing:
     pass
 
 
+def test_a_checkpoint_of_another_adapter_is_refused_not_half_loaded(tokenizer, tmp_path):
+    """peft loads the adapter weights that match and only reports the rest: a checkpoint saved
+    with adapters on q_proj and v_proj alone, loaded into a model with them on every module,
+    would leave the others at their seeded init and train on. Resuming from it fails instead,
+    naming the file."""
+    saved = add_lora(tiny_llama(len(tokenizer), seed=3), rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    checkpoint.save_checkpoint(tmp_path, 1, saved, {})
+    trainer, _ = make(tokenizer)
+    with pytest.raises(checkpoint.AdapterMismatch, match=r"step_1/adapter/adapter_model.safetensors is not this "
+                                                         r"model's adapter: 0 weights .* \d+ of its weights not in"):
+        checkpoint.load_checkpoint(tmp_path / "step_1", trainer.model)
+    # The same modules load every tensor, as before.
+    same, _ = make(tokenizer, seed=4)
+    same.update(RECORDS)  # off the seeded init, whose lora_B is zero in both
+    checkpoint.save_checkpoint(tmp_path, 2, same.model, same.state_dict())
+    checkpoint.load_checkpoint(tmp_path / "step_2", trainer.model)
+    want, got = checkpoint.trained_weights(same.model), checkpoint.trained_weights(trainer.model)
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+
+
 def test_full_weights_checkpoint_round_trip(tokenizer, tmp_path):
     trainer, _ = make(tokenizer, lora=False)
     trainer.update(RECORDS)
