@@ -13,7 +13,9 @@ seconds at the pace of its own first steps, timed in this process (a start made 
 process or session stepped at that one's speed); `--more-sft-steps N` gives the count
 instead (the row records the seconds it took). `--start-adapter DIR` starts the arms from a
 saved adapter instead of SFT (an exported run's sft_adapter: its arms then compare with that
-run's own GRPO, from the same weights on the same held-out items).
+run's own GRPO, from the same weights on the same held-out items); `--start-sft-steps N` goes
+on with that run's SFT for N more steps first (a longer SFT of the same run, without
+repeating the steps it took).
 
 Every arm is measured on the same held-out items as its start: greedy exact (the eval
 the pipeline reports), and sampled accuracy and pass@k at the rollout temperature, since
@@ -41,12 +43,10 @@ import time
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 
 from bench.common import RESULTS, earlier_rows, machine, machine_tag, write_result
 from picorl import data
-from picorl.checkpoint import load_trained_weights, trained_weights
+from picorl.checkpoint import load_adapter_file, load_trained_weights, trained_weights
 from picorl.config import ConfigError, LoraConfig, load_config, to_dict
 from picorl.curriculum import Curriculum
 from picorl.envs import env_of
@@ -139,15 +139,10 @@ ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
 def load_start_adapter(model, folder) -> None:
-    """Every LoRA weight of the adapter in `folder` into the model's adapter. peft loads what
-    matches and reports the rest, so an adapter on other layers would start a run half from it,
-    half from the seeded init: refused, naming a key. Another rank fails in torch's copy."""
-    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_FILE)))
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
-        extra = f"{len(result.unexpected_keys)} weights this model's adapter lacks ({result.unexpected_keys[:1]})"
-        lacks = f"{len(missing)} of its adapter's weights not there ({missing[:1]})"
-        raise ValueError(f"{folder}: {extra}, {lacks}")
+    """Every LoRA weight of the adapter in `folder` into the model's adapter
+    (picorl.checkpoint.load_adapter_file): one on other layers is refused, naming a key,
+    rather than starting a run half from it, half from the seeded init."""
+    load_adapter_file(model, Path(folder) / ADAPTER_FILE)
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -377,7 +372,8 @@ def line(name: str, r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml", help="the base config: SFT, stages, rollouts")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
+                    help="the arms to run (all by default); none measures the start alone")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every arm")
     ap.add_argument("--eval-difficulty", type=int, default=3)
     ap.add_argument("--eval-size", type=int, default=256)
@@ -394,6 +390,9 @@ def main() -> int:
     ap.add_argument("--start-adapter", default=None, metavar="DIR",
                     help="start every arm from this LoRA adapter (a folder with adapter_model.safetensors, e.g. "
                          "an export's sft_adapter) instead of the config's SFT; more_sft then has no SFT to go on")
+    ap.add_argument("--start-sft-steps", type=int, default=0, metavar="N",
+                    help="with --start-adapter: N more steps of the config's SFT from the adapter (its batches after "
+                         "sft.steps, a fresh optimizer) before the start is measured; the start is kept and reused")
     ap.add_argument("--seed", type=int, default=None,
                     help="the GRPO arms' run.seed (their tasks and samples) from the same SFT start, which keeps the "
                          "config's seed: another draw of the same arms; the result file's name says it")
@@ -404,6 +403,13 @@ def main() -> int:
     adapter_file = Path(args.start_adapter or ".") / ADAPTER_FILE
     if args.start_adapter and not adapter_file.is_file():
         print(f"error: --start-adapter {args.start_adapter}: no {ADAPTER_FILE} there", file=sys.stderr)
+        return 2
+    if args.start_sft_steps < 0:
+        print(f"error: --start-sft-steps must be >= 0, got {args.start_sft_steps}", file=sys.stderr)
+        return 2
+    if args.start_sft_steps and not args.start_adapter:
+        print(f"error: --start-sft-steps {args.start_sft_steps} goes on from --start-adapter's SFT: give the adapter",
+              file=sys.stderr)
         return 2
     if args.start_adapter and "more_sft" in args.arms:
         print("error: more_sft continues the config's SFT, which --start-adapter skips: leave it out of --arms",
@@ -432,7 +438,8 @@ def main() -> int:
                       if any(d in Curriculum.for_stage(s).reachable() for s in c.stages)}
                   for a, c in arm_cfgs.items()}
     out = {"machine": machine(), "config": {"config": args.config, "sets": args.set, "arm_seed": args.seed,
-                                           "start_adapter": args.start_adapter}, "eval": {
+                                           "start_adapter": args.start_adapter,
+                                           "start_sft_steps": args.start_sft_steps}, "eval": {
         "difficulty": args.eval_difficulty, "n": args.eval_size, "k": args.k}, "rows": {}}
     seed_tag = f"-seed{args.seed}" if args.seed is not None else ""
     stem = f"rl_recipe-{machine_tag(out['machine'])}-{Path(args.config).stem}{args.tag}{seed_tag}"
@@ -445,6 +452,7 @@ def main() -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     sft_opt = torch.optim.AdamW(params, lr=base.sft.lr, weight_decay=0.0)
     sft_kw = dict(style=base.sft.style, batch_size=base.sft.batch_size, lr=base.sft.lr, seed=base.run.seed,
+                  lr_schedule=base.sft.lr_schedule, warmup_steps=base.sft.warmup_steps,
                   group_by_length=base.sft.group_by_length, shared_prefix=base.sft.shared_prefix, optimizer=sft_opt,
                   progress=False, env=env)
     # The SFT start is kept on disk, keyed by what it depends on, so arms run in several
@@ -461,6 +469,9 @@ def main() -> int:
                      + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))
     if args.start_adapter:  # a given adapter is the start: its bytes are the key
         sft_key = "adapter-" + hashlib.sha256(adapter_file.read_bytes()).hexdigest()[:12]
+        if args.start_sft_steps:  # and the SFT it went on with: the config's, that many steps
+            sft_key += f"-sft{args.start_sft_steps}-" + digest([model_key, to_dict(base.sft), to_dict(base.data),
+                                                                base.run.seed])
     eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,
                        args.eval_size])
     start_dir = Path(args.start_dir) / sft_key
@@ -472,9 +483,10 @@ def main() -> int:
         except (ValueError, RuntimeError) as e:  # another rank, other layers, another model
             print(f"error: --start-adapter {e}", file=sys.stderr)
             return 2
+        print(f"start: the adapter in {args.start_adapter}", flush=True)
+    if args.start_adapter and not args.start_sft_steps:
         sft_s = None
         start_dir.mkdir(parents=True, exist_ok=True)
-        print(f"start: the adapter in {args.start_adapter}", flush=True)
     elif weights_file.is_file() and sft_file.is_file():
         saved = torch.load(weights_file, weights_only=True)
         load_trained_weights(model, saved["weights"])
@@ -484,9 +496,13 @@ def main() -> int:
     else:
         torch.manual_seed(base.run.seed)
         t0 = time.perf_counter()
-        train_sft(model, tok, sft_records, steps=base.sft.steps, **sft_kw)
+        # from a given adapter, the config's SFT goes on where its sft.steps ended (step s's
+        # batch is a function of the seed and s), as if that run had been longer
+        first = base.sft.steps if args.start_sft_steps else 0
+        train_sft(model, tok, sft_records, steps=first + (args.start_sft_steps or base.sft.steps), start_step=first,
+                  **sft_kw)
         sft_s = time.perf_counter() - t0
-        print(f"SFT {base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
+        print(f"SFT {args.start_sft_steps or base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
         start_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"weights": trained_weights(model), "optimizer": sft_opt.state_dict()}, weights_file)
         atomic_write_text(sft_file, json.dumps({"sft_seconds": round(sft_s, 1)}))
@@ -506,10 +522,15 @@ def main() -> int:
     start_weights = trained_weights(model)
     start_opt = copy.deepcopy(sft_opt.state_dict())
     out["start"] = start
-    print(f"{'the given adapter' if args.start_adapter else 'after SFT'}: greedy {start['greedy']['exact']:.1%}" +
+    what = ("after SFT" if not args.start_adapter else "the given adapter" if not args.start_sft_steps
+            else f"the given adapter after {args.start_sft_steps} more SFT steps")
+    print(f"{what}: greedy {start['greedy']['exact']:.1%}" +
           (f", sampled {start['sampled']['sampled_exact']:.1%}, pass@{start['sampled']['k']} "
            f"{start['sampled']['pass_at_k']:.1%}" if "sampled" in start else ""), flush=True)
 
+    if not args.arms:  # the start alone (say, an SFT continued from --start-adapter) is the result
+        out["rows"] = {a: kept[a] for a in ARMS if a in kept}
+        write_result(stem, out, results_dir)
     for arm in args.arms:
         change, sets = ARMS[arm][0], arm_overrides(arm)
         load_trained_weights(model, start_weights)

@@ -269,6 +269,23 @@ def test_rl_recipe_arms_start_from_one_sft_and_compare_item_by_item(tmp_path):
     assert given_out["config"]["start_adapter"] == str(tmp_path / "given")
     assert given_out["start"] == json.loads(given_start.read_text()) and given_out["start"]["sft_seconds"] is None
     assert given_out["rows"]["binary"]["greedy"]["n"] == 4
+    # The given adapter's SFT continued for 2 steps: SFT from it (not from the seeded init),
+    # kept under the adapter's key and the steps; with no arms the measured start is the result.
+    sixth = subprocess.run([sys.executable, "-m", "bench.rl_recipe", *common, "--tag=-given2", "--arms",
+                            "--start-adapter", str(tmp_path / "given"), "--start-sft-steps", "2"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert sixth.returncode == 0, sixth.stdout[-2000:] + sixth.stderr[-3000:]
+    assert "start: the adapter in" in sixth.stdout and "SFT 2 x 2" in sixth.stdout
+    (continued,) = (tmp_path / "start").glob("adapter-*-sft2-*/weights.pt")
+    continued = torch.load(continued, weights_only=True)["weights"]
+    from safetensors.torch import load_file
+    given_b = {k: v for k, v in load_file(tmp_path / "given" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert given_b and not any(torch.count_nonzero(v) for v in given_b.values())  # the seeded init's B is zero
+    assert any(torch.count_nonzero(v) for n, v in continued.items() if "lora_B" in n)  # 2 steps moved it
+    (given2,) = (tmp_path / "res").glob("rl_recipe-*-smoke-given2.json")
+    given2 = json.loads(given2.read_text())
+    assert given2["config"]["start_sft_steps"] == 2 and given2["rows"] == {}
+    assert given2["start"]["greedy"]["n"] == 4 and given2["start"]["sft_seconds"] > 0
 
 
 def test_start_adapter_loads_every_lora_weight_or_refuses(tmp_path):
@@ -295,7 +312,7 @@ def test_start_adapter_loads_every_lora_weight_or_refuses(tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     fewer, _ = load_for_config(load_config(smoke, ["model.lora.target_modules=[q_proj, v_proj]"]))
     fewer.save_pretrained(tmp_path / "fewer")
-    with pytest.raises(ValueError, match="of its adapter's weights not there"):
+    with pytest.raises(ValueError, match="is not this model's adapter: 0 weights the model's adapter lacks"):
         load_start_adapter(model, tmp_path / "fewer")
     wider, _ = load_for_config(load_config(smoke, ["model.lora.rank=8"]))
     wider.save_pretrained(tmp_path / "wider")
@@ -305,7 +322,10 @@ def test_start_adapter_loads_every_lora_weight_or_refuses(tmp_path):
     # a given start skipped), before any model loads.
     for argv, message in ((["--start-adapter", str(tmp_path)], "no adapter_model.safetensors there"),
                           (["--start-adapter", str(tmp_path / "trained"), "--arms", "more_sft"],
-                           "more_sft continues the config's SFT")):
+                           "more_sft continues the config's SFT"),
+                          (["--start-sft-steps", "3"], "goes on from --start-adapter's SFT: give the adapter"),
+                          (["--start-adapter", str(tmp_path / "trained"), "--start-sft-steps", "-1"],
+                           "--start-sft-steps must be >= 0, got -1")):
         bad = subprocess.run([sys.executable, "-m", "bench.rl_recipe", "--config", smoke, *argv,
                               "--results-dir", str(tmp_path / "res")], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
