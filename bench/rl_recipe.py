@@ -468,10 +468,10 @@ def main() -> int:
                      # another environment's start is another start (letter counting's keys stay)
                      + ([to_dict(base.env)] if base.env.name != "letter_counting" or base.env.options else []))
     if args.start_adapter:  # a given adapter is the start: its bytes are the key
+        config_sft_key = sft_key
         sft_key = "adapter-" + hashlib.sha256(adapter_file.read_bytes()).hexdigest()[:12]
         if args.start_sft_steps:  # and the SFT it went on with: the config's, that many steps
-            sft_key += f"-sft{args.start_sft_steps}-" + digest([model_key, to_dict(base.sft), to_dict(base.data),
-                                                                base.run.seed])
+            sft_key += f"-sft{args.start_sft_steps}-{config_sft_key}"
     eval_key = digest([to_dict(base.eval), base.rollout.engine, base.rollout.temperature, args.eval_difficulty,
                        args.eval_size])
     start_dir = Path(args.start_dir) / sft_key
@@ -498,11 +498,10 @@ def main() -> int:
         t0 = time.perf_counter()
         # from a given adapter, the config's SFT goes on where its sft.steps ended (step s's
         # batch is a function of the seed and s), as if that run had been longer
-        first = base.sft.steps if args.start_sft_steps else 0
-        train_sft(model, tok, sft_records, steps=first + (args.start_sft_steps or base.sft.steps), start_step=first,
-                  **sft_kw)
+        first, count = (base.sft.steps, args.start_sft_steps) if args.start_sft_steps else (0, base.sft.steps)
+        train_sft(model, tok, sft_records, steps=first + count, start_step=first, **sft_kw)
         sft_s = time.perf_counter() - t0
-        print(f"SFT {args.start_sft_steps or base.sft.steps} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
+        print(f"SFT {count} x {base.sft.batch_size}: {sft_s:.0f} s", flush=True)
         start_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"weights": trained_weights(model), "optimizer": sft_opt.state_dict()}, weights_file)
         atomic_write_text(sft_file, json.dumps({"sft_seconds": round(sft_s, 1)}))
